@@ -1,0 +1,56 @@
+// fastadam: the public C++ API. Link the `fastadam::kernel` CMake target.
+//
+// Every entry point updates the given buffers in place, choosing the SIMD path once
+// at run time (cpuid + xgetbv) and splitting the elements of all tensors across
+// OpenMP threads. The result is bit-identical for every path and thread count.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "fastadam/types.hpp"
+
+namespace fastadam {
+
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+
+// "baseline", "avx2", "avx512".
+const char* isa_name(Isa isa);
+// Parses a name; throws std::invalid_argument naming the valid choices.
+Isa isa_from_name(const std::string& name);
+// The paths this build carries and this CPU (and OS) can run, best last.
+std::vector<Isa> available_isas();
+// The path in use: the best available one unless set_isa() chose another.
+Isa get_isa();
+// Throws std::invalid_argument if `isa` is not in available_isas().
+void set_isa(Isa isa);
+// Applies $FASTADAM_ISA if set (throws std::invalid_argument if it is unknown or
+// unavailable); called once by the Python module at import.
+void set_isa_from_environment();
+
+// Threads used by a step; 0 restores the default (OpenMP's, i.e. OMP_NUM_THREADS or
+// all cores, read at each call so omp_set_num_threads / threadpoolctl apply).
+void set_num_threads(int num_threads);
+int get_num_threads();
+// True when the build has OpenMP.
+bool has_openmp();
+
+// Below this many elements in a whole step, one thread does the work: a parallel
+// region costs more than it saves.
+constexpr std::int64_t kMinElementsPerThread = 32768;
+
+// Multi-tensor steps: all tensors in one call, one parallel region, the work split
+// by element ranges over the concatenation of all tensors.
+void adam_step(const AdamTensor<float>* tensors, std::size_t count);
+void adam_step(const AdamTensor<double>* tensors, std::size_t count);
+void sgd_step(const SgdTensor<float>* tensors, std::size_t count);
+void sgd_step(const SgdTensor<double>* tensors, std::size_t count);
+
+// The same with an explicit path and thread count (benchmarks, tests).
+void adam_step(const AdamTensor<float>* tensors, std::size_t count, Isa isa, int num_threads);
+void adam_step(const AdamTensor<double>* tensors, std::size_t count, Isa isa, int num_threads);
+void sgd_step(const SgdTensor<float>* tensors, std::size_t count, Isa isa, int num_threads);
+void sgd_step(const SgdTensor<double>* tensors, std::size_t count, Isa isa, int num_threads);
+
+}  // namespace fastadam

@@ -1,0 +1,98 @@
+// fastadam: plain data types shared by the kernel, the dispatcher and the bindings.
+// Pure C++17, no Python, no SIMD: safe to include from any translation unit.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace fastadam {
+
+// Hyper-parameters of one Adam parameter group, in the units torch.optim.Adam uses.
+struct AdamHyperparams {
+    double lr = 1e-3;            // learning rate (step length in parameter units per unit of m/sqrt(v))
+    double beta1 = 0.9;          // decay rate of the first moment (exp_avg)
+    double beta2 = 0.999;        // decay rate of the second moment (exp_avg_sq)
+    double eps = 1e-8;           // added to the bias-corrected sqrt(v), same units as the gradient
+    double weight_decay = 0.0;   // L2 coefficient (Adam) or decoupled decay rate (AdamW)
+    bool decoupled_weight_decay = false;  // true: AdamW, p *= 1 - lr*weight_decay
+    bool amsgrad = false;        // keep max_exp_avg_sq = max over steps of exp_avg_sq
+    bool maximize = false;       // ascend instead of descend
+};
+
+// One tensor of an Adam step: five buffers of `size` elements, updated in place.
+// The caller guarantees the written buffers do not overlap each other or grad
+// (the bindings check it); the kernel relies on it (restrict).
+template <class T>
+struct AdamTensor {
+    T* param = nullptr;
+    const T* grad = nullptr;
+    T* exp_avg = nullptr;
+    T* exp_avg_sq = nullptr;
+    T* max_exp_avg_sq = nullptr;  // only read and written when hyper->amsgrad
+    std::int64_t size = 0;
+    std::int64_t step = 1;        // 1-based count of this update (torch's state["step"] after increment)
+    const AdamHyperparams* hyper = nullptr;
+};
+
+// The per-step scalars. PyTorch computes these in Python floats (double) and rounds
+// each once to the tensor dtype when it meets a tensor; we do exactly the same, so
+// fastadam, its NumPy reference and torch's single-tensor Adam share every rounding.
+template <class T>
+struct AdamScalars {
+    T one_minus_beta1, beta2, one_minus_beta2, weight_decay, decay_factor;
+    T step_size, bias_correction2_sqrt, eps;
+};
+
+template <class T>
+inline AdamScalars<T> adam_scalars(const AdamHyperparams& h, std::int64_t step) {
+    const double s = static_cast<double>(step);
+    const double bias_correction1 = 1.0 - std::pow(h.beta1, s);
+    const double bias_correction2 = 1.0 - std::pow(h.beta2, s);
+    AdamScalars<T> out;
+    out.one_minus_beta1 = static_cast<T>(1.0 - h.beta1);
+    out.beta2 = static_cast<T>(h.beta2);
+    out.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);
+    out.weight_decay = static_cast<T>(h.weight_decay);
+    out.decay_factor = static_cast<T>(1.0 - h.lr * h.weight_decay);
+    out.step_size = static_cast<T>(h.lr / bias_correction1);
+    out.bias_correction2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+    out.eps = static_cast<T>(h.eps);
+    return out;
+}
+
+// SGD with momentum, torch.optim.SGD semantics.
+struct SgdHyperparams {
+    double lr = 1e-3;
+    double momentum = 0.0;
+    double dampening = 0.0;
+    double weight_decay = 0.0;
+    bool nesterov = false;
+    bool maximize = false;
+};
+
+template <class T>
+struct SgdTensor {
+    T* param = nullptr;
+    const T* grad = nullptr;
+    T* momentum_buffer = nullptr;  // only used when hyper->momentum != 0
+    std::int64_t size = 0;
+    bool first_step = false;       // torch creates the buffer as a copy of the gradient on its first use
+    const SgdHyperparams* hyper = nullptr;
+};
+
+template <class T>
+struct SgdScalars {
+    T lr, momentum, one_minus_dampening, weight_decay;
+};
+
+template <class T>
+inline SgdScalars<T> sgd_scalars(const SgdHyperparams& h) {
+    SgdScalars<T> out;
+    out.lr = static_cast<T>(h.lr);
+    out.momentum = static_cast<T>(h.momentum);
+    out.one_minus_dampening = static_cast<T>(1.0 - h.dampening);
+    out.weight_decay = static_cast<T>(h.weight_decay);
+    return out;
+}
+
+}  // namespace fastadam

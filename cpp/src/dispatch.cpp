@@ -1,0 +1,286 @@
+// Run-time choice of the SIMD path, thread control, and the multi-tensor driver that
+// splits a step's elements across OpenMP threads. Compiled for the baseline target.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+#include <vector>
+
+#include "fastadam/fastadam.hpp"
+#include "isa_table.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FASTADAM_X86 1
+#if defined(_MSC_VER)
+#include <immintrin.h>
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
+#endif
+
+namespace fastadam {
+namespace {
+
+#if defined(FASTADAM_X86)
+void cpuid(int leaf, int subleaf, unsigned regs[4]) {
+#if defined(_MSC_VER)
+    int r[4];
+    __cpuidex(r, leaf, subleaf);
+    for (int i = 0; i < 4; ++i) regs[i] = static_cast<unsigned>(r[i]);
+#else
+    __cpuid_count(leaf, subleaf, regs[0], regs[1], regs[2], regs[3]);
+#endif
+}
+
+// XCR0: which register states the OS saves on a context switch. A CPU can have
+// AVX-512 that the OS has not enabled; using it then faults.
+unsigned long long xcr0() {
+#if defined(_MSC_VER)
+    return _xgetbv(0);
+#else
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (static_cast<unsigned long long>(hi) << 32) | lo;
+#endif
+}
+
+bool cpu_has(Isa isa) {
+    unsigned r[4];
+    cpuid(0, 0, r);
+    const unsigned max_leaf = r[0];
+    cpuid(1, 0, r);
+    const bool osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1;
+    if (!osxsave || !avx) return false;
+    const unsigned long long xcr = xcr0();
+    const bool ymm_state = (xcr & 0x6) == 0x6;          // SSE + AVX
+    const bool zmm_state = (xcr & 0xe6) == 0xe6;        // + opmask, ZMM_Hi256, Hi16_ZMM
+    if (max_leaf < 7) return false;
+    cpuid(7, 0, r);
+    if (isa == Isa::avx2) return ymm_state && ((r[1] >> 5) & 1);
+    if (isa == Isa::avx512) return zmm_state && ((r[1] >> 16) & 1);  // AVX512F
+    return false;
+}
+#endif
+
+const KernelTable* table_of(Isa isa) {
+    switch (isa) {
+#if defined(FASTADAM_HAVE_AVX2)
+        case Isa::avx2: return &avx2::kernel_table;
+#endif
+#if defined(FASTADAM_HAVE_AVX512)
+        case Isa::avx512: return &avx512::kernel_table;
+#endif
+        case Isa::baseline: return &baseline::kernel_table;
+        default: return nullptr;
+    }
+}
+
+bool probe(Isa isa) {
+    if (table_of(isa) == nullptr) return false;
+    if (isa == Isa::baseline) return true;
+#if defined(FASTADAM_X86)
+    return cpu_has(isa);
+#else
+    return false;
+#endif
+}
+
+// cpuid traps to the hypervisor on virtual machines (microseconds): ask once.
+bool is_available(Isa isa) {
+    static const unsigned mask = [] {
+        unsigned m = 0;
+        for (Isa a : {Isa::baseline, Isa::avx2, Isa::avx512})
+            if (probe(a)) m |= 1u << static_cast<int>(a);
+        return m;
+    }();
+    return (mask >> static_cast<int>(isa)) & 1u;
+}
+
+Isa detect_best() {
+    const std::vector<Isa> isas = available_isas();
+    return isas.back();
+}
+
+std::atomic<int> g_isa{-1};          // -1: not chosen yet
+std::atomic<int> g_num_threads{0};   // 0: OpenMP's default
+
+Isa active_isa() {
+    int isa = g_isa.load(std::memory_order_relaxed);
+    if (isa < 0) {
+        isa = static_cast<int>(detect_best());
+        g_isa.store(isa, std::memory_order_relaxed);
+    }
+    return static_cast<Isa>(isa);
+}
+
+int max_threads(int requested) {
+#if defined(_OPENMP)
+    return requested > 0 ? requested : omp_get_max_threads();
+#else
+    (void)requested;
+    return 1;
+#endif
+}
+
+template <class T>
+std::int64_t first_element_index(const AdamTensor<T>& t) { return static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(t.param) / sizeof(T)); }
+template <class T>
+std::int64_t first_element_index(const SgdTensor<T>& t) { return static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(t.param) / sizeof(T)); }
+
+// Calls fn(tensor_index, begin, end) on consecutive element ranges of the
+// concatenation of all tensors, one contiguous share per thread. Shares start on
+// a 64-byte boundary of the param buffer so two threads never write one cache line.
+template <class Tensor, class Fn>
+void for_each_share(const Tensor* tensors, std::size_t count, int num_threads, Fn&& fn) {
+    using T = typename std::remove_pointer<decltype(tensors->param)>::type;
+    std::int64_t total = 0;
+    for (std::size_t k = 0; k < count; ++k) total += tensors[k].size;
+    const std::int64_t by_size = std::max<std::int64_t>(1, total / kMinElementsPerThread);
+    const int threads = static_cast<int>(std::min<std::int64_t>(max_threads(num_threads), by_size));
+    if (threads <= 1) {
+        for (std::size_t k = 0; k < count; ++k)
+            if (tensors[k].size > 0) fn(k, 0, tensors[k].size);
+        return;
+    }
+    std::vector<std::int64_t> offsets(count + 1, 0);
+    for (std::size_t k = 0; k < count; ++k) offsets[k + 1] = offsets[k] + tensors[k].size;
+    constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
+    // Global index where share `part` of `parts` starts; monotone in `part` because
+    // each share is far longer than a cache line.
+    auto share_start = [&](int part, int parts) -> std::int64_t {
+        if (part >= parts) return total;
+        const std::int64_t raw = (total / parts) * part + std::min<std::int64_t>(part, total % parts);
+        const std::size_t k = static_cast<std::size_t>(std::upper_bound(offsets.begin(), offsets.end(), raw) - offsets.begin()) - 1;
+        const std::int64_t local = raw - offsets[k];
+        const std::int64_t aligned = local - (first_element_index(tensors[k]) + local) % line;
+        return offsets[k] + std::max<std::int64_t>(aligned, 0);
+    };
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+#if defined(_OPENMP)
+        const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+#else
+        const int part = 0, parts = 1;
+#endif
+        const std::int64_t begin = share_start(part, parts), end = share_start(part + 1, parts);
+        std::size_t k = static_cast<std::size_t>(std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin()) - 1;
+        for (; k < count && offsets[k] < end; ++k) {
+            const std::int64_t lo = std::max(begin, offsets[k]) - offsets[k];
+            const std::int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
+            if (lo < hi) fn(k, lo, hi);
+        }
+    }
+}
+
+// Most tensors of a step share hyper-parameters and step count: compute each
+// distinct set of scalars (two pow calls) once.
+template <class T, class Scalars, class Tensor, class Make, class Same>
+std::vector<Scalars> scalars_per_tensor(const Tensor* tensors, std::size_t count, Make make, Same same) {
+    std::vector<Scalars> out(count);
+    for (std::size_t k = 0; k < count; ++k)
+        out[k] = (k > 0 && same(tensors[k], tensors[k - 1])) ? out[k - 1] : make(tensors[k]);
+    return out;
+}
+
+template <class T>
+void run_adam(const AdamTensor<T>* tensors, std::size_t count, AdamSegmentFn<T> segment, int num_threads) {
+    const auto scalars = scalars_per_tensor<T, AdamScalars<T>>(
+        tensors, count, [](const AdamTensor<T>& t) { return adam_scalars<T>(*t.hyper, t.step); },
+        [](const AdamTensor<T>& a, const AdamTensor<T>& b) { return a.hyper == b.hyper && a.step == b.step; });
+    for_each_share(tensors, count, num_threads,
+                   [&](std::size_t k, std::int64_t lo, std::int64_t hi) { segment(tensors[k], scalars[k], lo, hi); });
+}
+
+template <class T>
+void run_sgd(const SgdTensor<T>* tensors, std::size_t count, SgdSegmentFn<T> segment, int num_threads) {
+    const auto scalars = scalars_per_tensor<T, SgdScalars<T>>(
+        tensors, count, [](const SgdTensor<T>& t) { return sgd_scalars<T>(*t.hyper); },
+        [](const SgdTensor<T>& a, const SgdTensor<T>& b) { return a.hyper == b.hyper; });
+    for_each_share(tensors, count, num_threads,
+                   [&](std::size_t k, std::int64_t lo, std::int64_t hi) { segment(tensors[k], scalars[k], lo, hi); });
+}
+
+const KernelTable& checked_table(Isa isa) {
+    if (!is_available(isa)) throw std::invalid_argument(std::string("fastadam: ISA '") + isa_name(isa) + "' is not available on this CPU");
+    return *table_of(isa);
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::baseline: return "baseline";
+        case Isa::avx2: return "avx2";
+        case Isa::avx512: return "avx512";
+    }
+    return "unknown";
+}
+
+Isa isa_from_name(const std::string& name) {
+    for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512})
+        if (name == isa_name(isa)) return isa;
+    throw std::invalid_argument("fastadam: unknown ISA '" + name + "'; choose one of 'baseline', 'avx2', 'avx512'");
+}
+
+std::vector<Isa> available_isas() {
+    std::vector<Isa> out;
+    for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512})
+        if (is_available(isa)) out.push_back(isa);
+    return out;
+}
+
+Isa get_isa() { return active_isa(); }
+
+void set_isa(Isa isa) {
+    if (!is_available(isa)) {
+        std::string names;
+        for (Isa a : available_isas()) names += std::string(names.empty() ? "" : ", ") + "'" + isa_name(a) + "'";
+        throw std::invalid_argument(std::string("fastadam: ISA '") + isa_name(isa) +
+                                    "' is not available on this CPU or in this build; available: " + names);
+    }
+    g_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
+void set_isa_from_environment() {
+    const char* env = std::getenv("FASTADAM_ISA");
+    if (env == nullptr || *env == '\0') return;
+    try {
+        set_isa(isa_from_name(env));
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(std::string(e.what()) + " (from the environment variable FASTADAM_ISA; unset it to use the best path)");
+    }
+}
+
+void set_num_threads(int num_threads) {
+    if (num_threads < 0) throw std::invalid_argument("fastadam: num_threads must be >= 1, or 0 for the default");
+    g_num_threads.store(num_threads, std::memory_order_relaxed);
+}
+
+int get_num_threads() { return max_threads(g_num_threads.load(std::memory_order_relaxed)); }
+
+bool has_openmp() {
+#if defined(_OPENMP)
+    return true;
+#else
+    return false;
+#endif
+}
+
+void adam_step(const AdamTensor<float>* t, std::size_t n, Isa isa, int threads) { run_adam(t, n, checked_table(isa).adam_f32, threads); }
+void adam_step(const AdamTensor<double>* t, std::size_t n, Isa isa, int threads) { run_adam(t, n, checked_table(isa).adam_f64, threads); }
+void sgd_step(const SgdTensor<float>* t, std::size_t n, Isa isa, int threads) { run_sgd(t, n, checked_table(isa).sgd_f32, threads); }
+void sgd_step(const SgdTensor<double>* t, std::size_t n, Isa isa, int threads) { run_sgd(t, n, checked_table(isa).sgd_f64, threads); }
+
+void adam_step(const AdamTensor<float>* t, std::size_t n) { adam_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
+void adam_step(const AdamTensor<double>* t, std::size_t n) { adam_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
+void sgd_step(const SgdTensor<float>* t, std::size_t n) { sgd_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
+void sgd_step(const SgdTensor<double>* t, std::size_t n) { sgd_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
+
+}  // namespace fastadam

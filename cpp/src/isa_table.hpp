@@ -1,0 +1,30 @@
+// The functions each SIMD target provides, as one table per target.
+#pragma once
+
+#include <cstdint>
+
+#include "fastadam/types.hpp"
+
+namespace fastadam {
+
+template <class T>
+using AdamSegmentFn = void (*)(const AdamTensor<T>&, const AdamScalars<T>&, std::int64_t, std::int64_t);
+template <class T>
+using SgdSegmentFn = void (*)(const SgdTensor<T>&, const SgdScalars<T>&, std::int64_t, std::int64_t);
+
+struct KernelTable {
+    AdamSegmentFn<float> adam_f32;
+    AdamSegmentFn<double> adam_f64;
+    SgdSegmentFn<float> sgd_f32;
+    SgdSegmentFn<double> sgd_f64;
+};
+
+namespace baseline { extern const KernelTable kernel_table; }
+#if defined(FASTADAM_HAVE_AVX2)
+namespace avx2 { extern const KernelTable kernel_table; }
+#endif
+#if defined(FASTADAM_HAVE_AVX512)
+namespace avx512 { extern const KernelTable kernel_table; }
+#endif
+
+}  // namespace fastadam

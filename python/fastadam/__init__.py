@@ -1,0 +1,44 @@
+"""fastadam: the fastest exact Adam optimizer for NumPy.
+
+An in-place SIMD + OpenMP kernel (x86-64 baseline, AVX2, AVX-512, chosen at run
+time) that gives the same bits on every path, every thread count, and as the
+readable NumPy reference in :mod:`fastadam.reference`.
+
+Functional API (in place): :func:`adam_step`, :func:`adam_step_multi`, :func:`sgd_step`.
+Optimizers (torch.optim's interface): :class:`Adam`, :class:`AdamW`, :class:`SGD`.
+Control: :func:`set_isa` / :func:`get_isa` / :func:`available_isas` (or the
+environment variable ``FASTADAM_ISA``), :func:`set_num_threads` / :func:`get_num_threads`.
+"""
+
+from . import _core, reference
+from ._core import (
+    adam_step,
+    adam_step_multi,
+    available_isas,
+    get_isa,
+    get_num_threads,
+    set_isa,
+    set_num_threads,
+    sgd_step,
+)
+from ._version import __version__
+from .optim import SGD, Adam, AdamW, Optimizer
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "Optimizer",
+    "adam_step",
+    "adam_step_multi",
+    "sgd_step",
+    "available_isas",
+    "get_isa",
+    "set_isa",
+    "get_num_threads",
+    "set_num_threads",
+    "reference",
+    "__version__",
+]
+
+_core._set_isa_from_environment()

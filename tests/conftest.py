@@ -1,0 +1,45 @@
+import os
+
+import numpy as np
+import pytest
+
+import fastadam
+
+DTYPES = [np.float32, np.float64]
+THREADS = [1, 2, 3]
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint32 if a.dtype == np.float32 else np.uint64).ravel()
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality (tells -0.0 from 0.0, compares NaN payloads)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    return bool(np.array_equal(_bits(a), _bits(b)))
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> str:
+    i = np.flatnonzero(_bits(a) != _bits(b))
+    if not i.size:
+        return "identical"
+    return f"{i.size} of {a.size} elements differ; first at {i[0]}: {a.ravel()[i[0]]!r} vs {b.ravel()[i[0]]!r}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa_and_threads():
+    isa = fastadam.get_isa()
+    yield
+    fastadam.set_isa(isa)
+    fastadam.set_num_threads(0)
+
+
+def torch_or_skip():
+    """torch, or a visible skip; in CI (CI=true) a missing torch fails instead."""
+    try:
+        import torch
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("torch is not installed but CI=true: .ci/run must install torch==2.13.0")
+        pytest.skip("torch is not installed (pip install torch==2.13.0) -- torch comparison not run")
+    return torch

@@ -1,0 +1,203 @@
+"""The kernel gives the same bits as fastadam.reference on every SIMD path and thread count."""
+
+import numpy as np
+import pytest
+from conftest import DTYPES, THREADS, first_difference, same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastadam
+from fastadam import reference
+
+ADAM_VARIANTS = {
+    "adam": {},
+    "l2": {"weight_decay": 0.1},
+    "adamw": {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    "amsgrad": {"amsgrad": True},
+    "maximize": {"maximize": True},
+    "amsgrad-l2-maximize": {"amsgrad": True, "weight_decay": 0.05, "maximize": True},
+    "adamw-amsgrad": {"amsgrad": True, "weight_decay": 0.3, "decoupled_weight_decay": True},
+}
+# Tails of every vector width, and sizes past the one-thread threshold (200003).
+SIZES = [1, 15, 17, 63, 4099, 200003]
+STEPS = 3
+
+
+def make_state(rng, n, dtype, offset=0):
+    """param, exp_avg, exp_avg_sq, max_exp_avg_sq as views starting `offset` elements into
+    fresh buffers (offset 1 misaligns them from every SIMD width), and a fresh grad per step."""
+
+    def buf(values):
+        base = np.empty(n + offset, dtype=dtype)
+        view = base[offset:]
+        view[...] = values
+        return view
+
+    param = buf(rng.standard_normal(n))
+    exp_avg = buf(rng.standard_normal(n) * 0.1)
+    exp_avg_sq = buf(rng.random(n) * 0.01)
+    max_exp_avg_sq = buf(exp_avg_sq + rng.random(n) * 0.01)
+    grads = [buf(rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3, n)) for _ in range(STEPS)]
+    return [param, exp_avg, exp_avg_sq, max_exp_avg_sq], grads
+
+
+def run_steps(step_fn, state, grads, kwargs):
+    param, exp_avg, exp_avg_sq, max_exp_avg_sq = state
+    for t, grad in enumerate(grads, start=1):
+        step_fn(
+            param, grad, exp_avg, exp_avg_sq, step=t, lr=0.01, max_exp_avg_sq=max_exp_avg_sq if kwargs.get("amsgrad") else None,
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("variant", ADAM_VARIANTS)
+def test_adam_bit_identical_on_every_isa_and_thread_count(dtype, variant):
+    kwargs = ADAM_VARIANTS[variant]
+    rng = np.random.default_rng(42)
+    for n in SIZES:
+        for offset in (0, 1):
+            state0, grads = make_state(rng, n, dtype, offset)
+            expected = [a.copy() for a in state0]
+            run_steps(reference.adam_step, expected, grads, kwargs)
+            for isa in fastadam.available_isas():
+                fastadam.set_isa(isa)
+                for threads in THREADS:
+                    fastadam.set_num_threads(threads)
+                    state = [a.copy() for a in state0]
+                    run_steps(fastadam.adam_step, state, grads, kwargs)
+                    for name, got, want in zip(["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], state, expected):
+                        assert same_bits(got, want), f"{name} n={n} offset={offset} {isa} threads={threads}: {first_difference(got, want)}"
+
+
+def test_reference_really_differs_with_fma():
+    """Guard: the comparison above can fail. Fusing m*g*... into one rounding changes bits."""
+    rng = np.random.default_rng(0)
+    state, grads = make_state(rng, 4099, np.float32)
+    a = [x.copy() for x in state]
+    run_steps(reference.adam_step, a, grads, {})
+    b = [x.copy() for x in state]
+    # Same update computed in float64 then rounded: a different (single) rounding.
+    p, m, v = (x.astype(np.float64) for x in b[:3])
+    for t, g in enumerate(grads, start=1):
+        reference.adam_step(p, g.astype(np.float64), m, v, step=t, lr=0.01)
+    assert not same_bits(a[0], p.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_multi_tensor_step_matches_reference_per_tensor(dtype):
+    """adam_step_multi over tensors of awkward sizes (the thread split falls inside them)."""
+    rng = np.random.default_rng(7)
+    sizes = [1, 3, 17, 4099, 70001, 0, 65537, 31, 40000]
+    tensors = [make_state(rng, n, dtype, offset=n % 2) for n in sizes]
+    expected = []
+    for state, grads in tensors:
+        s = [a.copy() for a in state]
+        run_steps(reference.adam_step, s, grads, {"amsgrad": True, "weight_decay": 0.01})
+        expected.append(s)
+    for isa in fastadam.available_isas():
+        fastadam.set_isa(isa)
+        for threads in THREADS:
+            fastadam.set_num_threads(threads)
+            states = [[a.copy() for a in state] for state, _ in tensors]
+            for t in range(STEPS):
+                fastadam.adam_step_multi(
+                    [s[0] for s in states], [g[t] for _, g in tensors], [s[1] for s in states], [s[2] for s in states],
+                    steps=t + 1, lr=0.01, amsgrad=True, weight_decay=0.01, max_exp_avg_sqs=[s[3] for s in states],
+                )
+            for k, (got, want) in enumerate(zip(states, expected)):
+                for a, b in zip(got, want):
+                    assert same_bits(a, b), f"tensor {k} (n={sizes[k]}) {isa} threads={threads}: {first_difference(a, b)}"
+
+
+def test_multi_tensor_per_tensor_steps_and_mixed_dtypes():
+    rng = np.random.default_rng(3)
+    specs = [(np.float32, 100, 1), (np.float64, 50000, 5), (np.float32, 70000, 2)]
+    tensors = [make_state(rng, n, dt) for dt, n, _ in specs]
+    steps = [s for _, _, s in specs]
+    states = [[a.copy() for a in state] for state, _ in tensors]
+    fastadam.adam_step_multi([s[0] for s in states], [g[0] for _, g in tensors], [s[1] for s in states], [s[2] for s in states], steps=steps)
+    for (state, grads), got, step in zip(tensors, states, steps):
+        want = [a.copy() for a in state]
+        reference.adam_step(want[0], grads[0], want[1], want[2], step=step)
+        for a, b in zip(got[:3], want[:3]):
+            assert same_bits(a, b)
+
+
+finite = dict(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
+    lr=st.floats(0, 10, **finite),
+    beta1=st.floats(0, 0.999999),
+    beta2=st.floats(0, 0.999999),
+    eps=st.floats(0, 1, **finite),
+    weight_decay=st.sampled_from([0.0, 1e-4, 0.5]) | st.floats(0, 2, **finite),
+    decoupled=st.booleans(),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    step=st.integers(1, 10**6),
+    scale=st.sampled_from([1e-30, 1e-6, 1.0, 1e6]),
+    seed=st.integers(0, 2**32 - 1),
+    isa=st.sampled_from(fastadam.available_isas()),
+)
+def test_adam_matches_reference_property(dtype, shape, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step, scale, seed, isa):
+    rng = np.random.default_rng(seed)
+    param = np.array(rng.standard_normal(shape), dtype=dtype)  # np.array: shape () stays an array
+    grad = np.array(rng.standard_normal(shape) * scale, dtype=dtype)
+    exp_avg = np.array(rng.standard_normal(shape) * scale, dtype=dtype)
+    exp_avg_sq = np.array(rng.random(shape) * scale * scale, dtype=dtype)
+    max_exp_avg_sq = np.array(exp_avg_sq * 2, dtype=dtype) if amsgrad else None
+    kwargs = dict(
+        step=step, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled,
+        amsgrad=amsgrad, maximize=maximize,
+    )
+    want = [param.copy(), exp_avg.copy(), exp_avg_sq.copy(), None if max_exp_avg_sq is None else max_exp_avg_sq.copy()]
+    with np.errstate(all="ignore"):  # eps=0 with v=0 divides by zero in both: same inf/nan
+        reference.adam_step(want[0], grad, want[1], want[2], max_exp_avg_sq=want[3], **kwargs)
+    fastadam.set_isa(isa)
+    fastadam.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq, **kwargs)
+    for got, w in zip([param, exp_avg, exp_avg_sq, max_exp_avg_sq], want):
+        if w is not None:
+            nan = np.isnan(w)
+            assert np.array_equal(np.isnan(got), nan)
+            assert same_bits(np.where(nan, 0, got).astype(dtype), np.where(nan, 0, w).astype(dtype)), first_difference(got, w)
+
+
+SGD_VARIANTS = {
+    "plain": {},
+    "l2": {"weight_decay": 0.1},
+    "momentum": {"momentum": 0.9},
+    "dampening": {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "nesterov-maximize": {"momentum": 0.8, "nesterov": True, "maximize": True, "weight_decay": 0.02},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("variant", SGD_VARIANTS)
+def test_sgd_bit_identical_on_every_isa_and_thread_count(dtype, variant):
+    kwargs = SGD_VARIANTS[variant]
+    rng = np.random.default_rng(5)
+    for n in SIZES:
+        for offset in (0, 1):
+            (param0, buf0, _, _), grads = make_state(rng, n, dtype, offset)
+            use_buf = kwargs.get("momentum", 0) != 0
+
+            def run(step_fn, param, buf):
+                for t, g in enumerate(grads, start=1):
+                    step_fn(param, g, buf if use_buf else None, step=t, lr=0.05, **kwargs)
+
+            want_p, want_b = param0.copy(), buf0.copy()
+            run(reference.sgd_step, want_p, want_b)
+            for isa in fastadam.available_isas():
+                fastadam.set_isa(isa)
+                for threads in THREADS:
+                    fastadam.set_num_threads(threads)
+                    p, b = param0.copy(), buf0.copy()
+                    run(fastadam.sgd_step, p, b)
+                    assert same_bits(p, want_p), f"param n={n} {isa} threads={threads}: {first_difference(p, want_p)}"
+                    assert same_bits(b, want_b), f"buffer n={n} {isa} threads={threads}: {first_difference(b, want_b)}"
