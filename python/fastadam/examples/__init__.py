@@ -1,0 +1,1 @@
+"""Examples that train models with fastadam; they need the ``fastadam[examples]`` extra."""

@@ -1,0 +1,122 @@
+"""Run-time SIMD dispatch, FASTADAM_ISA, threads, and what the compiler emitted."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import fastadam
+
+ALL_ISAS = ("baseline", "avx2", "avx512")
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("FASTADAM_ISA", "OMP_NUM_THREADS")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_available_isas_and_default_is_best():
+    isas = fastadam.available_isas()
+    assert isas[0] == "baseline" and set(isas) <= set(ALL_ISAS)
+    assert list(isas) == [i for i in ALL_ISAS if i in isas]  # best last
+    out = run_python("import fastadam; print(fastadam.get_isa())")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == isas[-1]
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS)
+def test_set_isa_chooses_or_refuses(isa):
+    if isa in fastadam.available_isas():
+        fastadam.set_isa(isa)
+        assert fastadam.get_isa() == isa
+    else:
+        before = fastadam.get_isa()
+        with pytest.raises(ValueError, match=f"'{isa}' is not available"):
+            fastadam.set_isa(isa)
+        assert fastadam.get_isa() == before
+
+
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'.*baseline.*avx2.*avx512"):
+        fastadam.set_isa("sse9")
+
+
+def test_environment_forces_each_available_path_with_identical_results():
+    code = (
+        "import numpy as np, hashlib, fastadam\n"
+        "rng = np.random.default_rng(0)\n"
+        "p, g = rng.standard_normal(100003).astype(np.float32), rng.standard_normal(100003).astype(np.float32)\n"
+        "m, v = np.zeros_like(p), np.zeros_like(p)\n"
+        "for t in range(1, 4): fastadam.adam_step(p, g, m, v, step=t, lr=0.01, weight_decay=0.1)\n"
+        "print(fastadam.get_isa(), hashlib.sha256(p.tobytes() + m.tobytes() + v.tobytes()).hexdigest())\n"
+    )
+    digests = set()
+    for isa in fastadam.available_isas():
+        out = run_python(code, FASTADAM_ISA=isa)
+        assert out.returncode == 0, out.stderr
+        chosen, digest = out.stdout.split()
+        assert chosen == isa
+        digests.add(digest)
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("value", ["sse9", "AVX512 ", *[i for i in ALL_ISAS if i not in fastadam.available_isas()]])
+def test_environment_with_bad_or_unavailable_isa_fails_at_import(value):
+    out = run_python("import fastadam", FASTADAM_ISA=value)
+    assert out.returncode != 0
+    assert "ValueError" in out.stderr and "FASTADAM_ISA" in out.stderr
+
+
+def test_num_threads_control():
+    fastadam.set_num_threads(1)
+    assert fastadam.get_num_threads() == 1
+    fastadam.set_num_threads(3)
+    assert fastadam.get_num_threads() == 3
+    fastadam.set_num_threads(0)
+    assert fastadam.get_num_threads() >= 1
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        fastadam.set_num_threads(-2)
+
+
+def test_default_threads_follow_omp_num_threads():
+    assert fastadam._core.has_openmp()
+    out = run_python("import fastadam; print(fastadam.get_num_threads())", OMP_NUM_THREADS="1")
+    assert out.stdout.strip() == "1", out.stderr
+    out = run_python("import fastadam, os; print(fastadam.get_num_threads(), os.cpu_count())")
+    threads, cores = out.stdout.split()
+    assert threads == cores
+
+
+def disassembly():
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("objdump (binutils) is missing in CI")
+        pytest.skip("objdump (binutils) is not installed")
+    out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", fastadam._core.__file__], capture_output=True, text=True, check=True)
+    functions = {}
+    for block in re.split(r"\n\n(?=[0-9a-f]+ <)", out.stdout):
+        header = block.split("\n", 1)[0]
+        m = re.match(r"[0-9a-f]+ <(.*)>:", header)
+        if m and "@plt" not in header:
+            functions[m.group(1)] = block
+    return functions
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the x86-64 paths exist only on x86-64")
+def test_each_path_uses_its_registers_and_no_fma():
+    functions = disassembly()
+    for isa, must, must_not in [("avx512", "zmm", None), ("avx2", "ymm", "zmm"), ("baseline", "xmm", "ymm")]:
+        bodies = [b for name, b in functions.items() if re.search(rf"fastadam::{isa}::adam_", name)]
+        assert bodies, f"no fastadam::{isa}::adam_* functions in the module"
+        text = "\n".join(bodies)
+        assert must in text, f"{isa} Adam kernel does not use {must} registers"
+        if must_not:
+            assert must_not not in text, f"{isa} Adam kernel uses {must_not} registers"
+        assert "sqrtp" in text and "divp" in text, f"{isa} Adam kernel is not vectorised (no packed sqrt/div)"
+        assert not re.search(r"vfn?m(add|sub)", text), f"{isa} Adam kernel contains FMA: -ffp-contract=off is missing"
+        assert not re.search(r"call\s.*sqrt", text), f"{isa} Adam kernel calls libm sqrt (errno): -fno-math-errno is missing"

@@ -1,0 +1,265 @@
+"""The optimizer classes: structure, groups, state, state_dict, and equivalence with the functional API."""
+
+import copy
+
+import numpy as np
+import pytest
+from conftest import same_bits
+
+import fastadam
+from fastadam import reference
+
+
+def make_params(rng, shapes=((10,), (3, 4), (7,)), dtype=np.float32):
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def grads_like(rng, params, scale=1.0):
+    return [(rng.standard_normal(p.shape) * scale).astype(p.dtype) for p in params]
+
+
+def reference_adam(params, grads_per_step, **kw):
+    """Per-tensor reference run: what any optimizer step must equal bit for bit."""
+    params = [p.copy() for p in params]
+    ms, vs, vmaxs = ([np.zeros_like(p) for p in params] for _ in range(3))
+    for t, grads in enumerate(grads_per_step, start=1):
+        for p, g, m, v, vm in zip(params, grads, ms, vs, vmaxs):
+            reference.adam_step(p, g, m, v, step=t, max_exp_avg_sq=vm if kw.get("amsgrad") else None, **kw)
+    return params
+
+
+@pytest.mark.parametrize("kw", [{}, {"amsgrad": True, "weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True}])
+def test_adam_step_equals_reference_bitwise(kw):
+    rng = np.random.default_rng(0)
+    params = make_params(rng)
+    steps = [grads_like(rng, params) for _ in range(5)]
+    want = reference_adam(params, steps, lr=0.01, **kw)
+    opt = fastadam.Adam(params, lr=0.01, **kw)
+    for g in steps:
+        opt.step(g)
+    for a, b in zip(params, want):
+        assert same_bits(a, b)
+
+
+def test_params_are_updated_in_place_and_state_is_lazy():
+    rng = np.random.default_rng(1)
+    params = make_params(rng)
+    before = [p.copy() for p in params]
+    ids = [id(p) for p in params]
+    opt = fastadam.Adam(params, lr=0.1)
+    assert opt.state == {} and opt.state_dict()["state"] == {}
+    opt.step(grads_like(rng, params))
+    assert [id(p) for p in opt.param_groups[0]["params"]] == ids
+    assert all(not np.array_equal(p, b) for p, b in zip(params, before))
+    state = opt.state
+    assert sorted(state) == [0, 1, 2]
+    for i, p in enumerate(params):
+        assert state[i]["step"] == 1.0
+        assert state[i]["exp_avg"].dtype == p.dtype and state[i]["exp_avg"].shape == p.shape
+        assert "max_exp_avg_sq" not in state[i]
+
+
+def test_none_gradient_skips_param_and_its_step_count():
+    rng = np.random.default_rng(2)
+    params = make_params(rng)
+    frozen = params[1].copy()
+    opt = fastadam.Adam(params, lr=0.1)
+    g = grads_like(rng, params)
+    opt.step([g[0], None, g[2]])
+    opt.step([g[0], None, g[2]])
+    assert np.array_equal(params[1], frozen)
+    assert 1 not in opt.state and opt.state[0]["step"] == 2.0
+    opt.step(g)  # first update of param 1: its own step count starts at 1
+    assert opt.state[1]["step"] == 1.0 and opt.state[0]["step"] == 3.0
+    want = frozen.copy()
+    reference.adam_step(want, g[1], np.zeros_like(want), np.zeros_like(want), step=1, lr=0.1)
+    assert same_bits(params[1], want)
+
+
+def test_dict_params_and_grads_by_name():
+    rng = np.random.default_rng(3)
+    arrays = make_params(rng)
+    named = dict(zip(["w1", "b1", "w2"], arrays))
+    copies = [a.copy() for a in arrays]
+    opt = fastadam.Adam(named, lr=0.05)
+    g = grads_like(rng, arrays)
+    opt.step({"w2": g[2], "w1": g[0], "b1": g[1]})
+    want = reference_adam(copies, [g], lr=0.05)
+    for a, b in zip(arrays, want):
+        assert same_bits(a, b)
+    opt.step({"w1": g[0]})  # missing names are skipped, like None
+    assert opt.state[0]["step"] == 2.0 and opt.state[1]["step"] == 1.0
+    with pytest.raises(ValueError, match="unknown parameter names.*w3"):
+        opt.step({"w3": g[0]})
+    with pytest.raises(TypeError, match="by name"):
+        fastadam.Adam(arrays).step({"w1": g[0]})
+
+
+def test_param_groups_with_own_hyper_parameters():
+    rng = np.random.default_rng(4)
+    a, b = make_params(rng, ((8,), (5,))), make_params(rng, ((6,),), dtype=np.float64)
+    ref_a, ref_b = [x.copy() for x in a], [x.copy() for x in b]
+    opt = fastadam.Adam([{"params": a}, {"params": b, "lr": 0.5, "amsgrad": True}], lr=0.01)
+    assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[1]["lr"] == 0.5
+    assert opt.param_groups[1]["betas"] == (0.9, 0.999)
+    ga, gb = grads_like(rng, a), grads_like(rng, b)
+    opt.step(ga + gb)            # flat list over all groups
+    opt.step([ga, gb])           # or one list per group
+    want_a = reference_adam(ref_a, [ga, ga], lr=0.01)
+    want_b = reference_adam(ref_b, [gb, gb], lr=0.5, amsgrad=True)
+    for x, y in zip(a + b, want_a + want_b):
+        assert same_bits(x, y)
+    assert "max_exp_avg_sq" in opt.state[2] and "max_exp_avg_sq" not in opt.state[0]
+
+
+def test_mutable_lr_takes_effect_next_step():
+    rng = np.random.default_rng(5)
+    params = make_params(rng)
+    copies = [p.copy() for p in params]
+    opt = fastadam.Adam(params, lr=0.1)
+    g1, g2 = grads_like(rng, params), grads_like(rng, params)
+    opt.step(g1)
+    opt.param_groups[0]["lr"] = 0.001
+    opt.step(g2)
+    ms, vs = [np.zeros_like(p) for p in copies], [np.zeros_like(p) for p in copies]
+    for t, (g, lr) in enumerate([(g1, 0.1), (g2, 0.001)], start=1):
+        for p, gi, m, v in zip(copies, g, ms, vs):
+            reference.adam_step(p, gi, m, v, step=t, lr=lr)
+    for a, b in zip(params, copies):
+        assert same_bits(a, b)
+
+
+def test_add_param_group_later():
+    rng = np.random.default_rng(6)
+    a, b = make_params(rng, ((4,),)), make_params(rng, ((3,),))
+    opt = fastadam.Adam(a, lr=0.1)
+    opt.step(grads_like(rng, a))
+    opt.add_param_group({"params": b, "lr": 0.2})
+    opt.step(grads_like(rng, a) + grads_like(rng, b))
+    assert opt.state[0]["step"] == 2.0 and opt.state[1]["step"] == 1.0
+    assert opt.state_dict()["param_groups"][1]["params"] == [1]
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [a[0]]})
+
+
+def test_amsgrad_switched_on_later_creates_its_buffer():
+    rng = np.random.default_rng(7)
+    params = make_params(rng)
+    opt = fastadam.Adam(params)
+    opt.step(grads_like(rng, params))
+    opt.param_groups[0]["amsgrad"] = True
+    opt.step(grads_like(rng, params))
+    assert all("max_exp_avg_sq" in s for s in opt.state.values())
+
+
+def test_state_dict_round_trip_continues_identically():
+    rng = np.random.default_rng(8)
+    params = make_params(rng)
+    twin = [p.copy() for p in params]
+    opt = fastadam.Adam(params, lr=0.01, amsgrad=True, weight_decay=0.01)
+    g = [grads_like(rng, params) for _ in range(6)]
+    for gi in g[:3]:
+        opt.step(gi)
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][0]["params"] == [0, 1, 2] and sd["param_groups"][0]["amsgrad"] is True
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    live = opt.state_dict()
+    opt.step(g[3])
+    # state_dict() is a snapshot: later steps don't write into it
+    assert np.array_equal(live["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+    assert not np.array_equal(opt.state[0]["exp_avg"], sd["state"][0]["exp_avg"])
+    for gi in g[4:]:
+        opt.step(gi)
+
+    # A new optimizer on the params as they were after step 3 continues the same way.
+    fresh = fastadam.Adam(twin, lr=0.01, amsgrad=True, weight_decay=0.01)
+    for gi in g[:3]:
+        fresh.step(gi)
+    other_params = [p.copy() for p in twin]
+    other = fastadam.Adam(other_params, lr=0.5)  # different lr: load_state_dict restores 0.01
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["lr"] == 0.01
+    for gi in g[3:]:
+        other.step(gi)
+    for a, b in zip(params, other_params):
+        assert same_bits(a, b)
+
+
+def test_load_state_dict_rejects_mismatch_and_changes_nothing():
+    rng = np.random.default_rng(9)
+    params = make_params(rng)
+    opt = fastadam.Adam(params)
+    opt.step(grads_like(rng, params))
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["state"][1]["exp_avg"] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(bad)
+    assert all(np.array_equal(opt.state[i]["exp_avg"], sd["state"][i]["exp_avg"]) for i in range(3))
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["params"] = [0, 1]
+    with pytest.raises(ValueError, match="params"):
+        opt.load_state_dict(bad)
+
+
+def test_adamw_defaults_and_equivalence():
+    rng = np.random.default_rng(10)
+    params = make_params(rng)
+    copies = [p.copy() for p in params]
+    opt = fastadam.AdamW(params, lr=0.01)
+    assert opt.defaults["weight_decay"] == 1e-2 and opt.defaults["decoupled_weight_decay"] is True
+    g = [grads_like(rng, params) for _ in range(3)]
+    for gi in g:
+        opt.step(gi)
+    want = reference_adam(copies, g, lr=0.01, weight_decay=1e-2, decoupled_weight_decay=True)
+    for a, b in zip(params, want):
+        assert same_bits(a, b)
+
+
+def test_sgd_optimizer_matches_reference_and_loaded_buffer_is_not_first_step():
+    rng = np.random.default_rng(11)
+    params = make_params(rng)
+    copies = [p.copy() for p in params]
+    opt = fastadam.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    g = [grads_like(rng, params) for _ in range(4)]
+    for gi in g[:2]:
+        opt.step(gi)
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"momentum_buffer"}  # torch's SGD layout: no step
+    bufs = [np.zeros_like(p) for p in copies]
+    for t, gi in enumerate(g, start=1):
+        for p, gg, b in zip(copies, gi, bufs):
+            reference.sgd_step(p, gg, b, step=t, lr=0.1, momentum=0.9, nesterov=True)
+    resumed = [p.copy() for p in params]
+    opt2 = fastadam.SGD(resumed, lr=0.1, momentum=0.9, nesterov=True)
+    opt2.load_state_dict(sd)
+    for gi in g[2:]:
+        opt.step(gi)
+        opt2.step(gi)
+    for a, b, c in zip(params, copies, resumed):
+        assert same_bits(a, b) and same_bits(c, b)
+
+
+def test_optimizer_is_deterministic_across_threads_and_isas():
+    rng = np.random.default_rng(12)
+    shapes = [(1000, 100), (3,), (70001,)]  # large enough to split across threads
+    base = make_params(rng, shapes)
+    g = [grads_like(rng, base) for _ in range(3)]
+    results = []
+    for isa in fastadam.available_isas():
+        for threads in (1, 2, 3):
+            fastadam.set_isa(isa)
+            fastadam.set_num_threads(threads)
+            params = [p.copy() for p in base]
+            opt = fastadam.Adam(params, lr=0.01, amsgrad=True)
+            for gi in g:
+                opt.step(gi)
+            results.append(params)
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert same_bits(a, b)
+
+
+def test_repr_lists_groups():
+    opt = fastadam.Adam([np.zeros(3, np.float32)], lr=0.25)
+    assert "lr: 0.25" in repr(opt) and "Parameter Group 0" in repr(opt)
