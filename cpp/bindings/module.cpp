@@ -4,12 +4,17 @@
 // Every buffer is taken as it is, never converted: a strided, Fortran-order,
 // read-only, misaligned, byte-swapped or wrongly typed array, or a list, raises
 // before the first byte of any buffer of the step is written.
-#include <pybind11/pybind11.h>
+//
+// The public step functions are METH_FASTCALL functions with their own keyword
+// parser: pybind11's generic dispatcher builds a Python string per keyword per call,
+// which alone costs more than an Adam step on a thousand elements.
 #include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -24,7 +29,33 @@ using fastadam::SgdTensor;
 
 namespace {
 
+// ----- errors and names ------------------------------------------------------------
+
+[[noreturn]] void throw_type(const std::string& msg) { throw py::type_error(msg); }
+[[noreturn]] void throw_value(const std::string& msg) { throw py::value_error(msg); }
+
+std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
+
+const char* const kSingular[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step", "steps"};
+const char* const kPlural[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers", "steps", "steps"};
+enum Slot { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMomentumBuffer, kStep, kSteps /* one int for all tensors */ };
+
+// Names an argument as the user wrote it ("adam_step(): grad", "adam_step_multi():
+// grads[3]"). Built only when an error needs it: strings are off the hot path.
+struct ArgName {
+    const char* fn;
+    Slot slot;
+    std::size_t index;
+    bool multi;
+    std::string str() const {
+        return std::string(fn) + ": " + (multi ? std::string(kPlural[slot]) + "[" + std::to_string(index) + "]" : kSingular[slot]);
+    }
+};
+
+// ----- arrays ----------------------------------------------------------------------
+
 enum class DType { f32, f64 };
+const char* dtype_name(DType d) { return d == DType::f32 ? "float32" : "float64"; }
 
 // A validated array: where it is, how big, what type.
 struct Buffer {
@@ -32,13 +63,8 @@ struct Buffer {
     std::int64_t size = 0;
     std::int64_t nbytes = 0;
     DType dtype = DType::f32;
-    PyObject* obj = nullptr;  // borrowed; kept alive by the caller's arguments
+    PyObject* obj = nullptr;  // borrowed; the caller's arguments keep it alive
 };
-
-[[noreturn]] void throw_type(const std::string& msg) { throw py::type_error(msg); }
-[[noreturn]] void throw_value(const std::string& msg) { throw py::value_error(msg); }
-
-std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
 
 std::string shape_str(const py::array& a) {
     std::string s = "(";
@@ -46,24 +72,14 @@ std::string shape_str(const py::array& a) {
     return s + ")";
 }
 
-const char* dtype_name(DType d) { return d == DType::f32 ? "float32" : "float64"; }
-
-// Names an argument as the user wrote it ("adam_step(): grad", "adam_step_multi():
-// grads[3]"); the string is built only when an error needs it, off the hot path.
-struct ArgName {
-    const std::string* fn;
-    int slot;  // index into kSingular / kPlural
-    std::size_t index;
-    bool multi;
-    std::string str() const;
-};
-
-const char* const kSingular[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"};
-const char* const kPlural[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers"};
-enum Slot { kParam = 0, kGrad = 1, kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kMomentumBuffer = 5 };
-
-std::string ArgName::str() const {
-    return multi ? *fn + ": " + kPlural[slot] + "[" + std::to_string(index) + "]" : *fn + ": " + kSingular[slot];
+bool native_byte_order(char order) {
+    static const bool little_endian = [] {
+        const std::uint16_t probe = 1;
+        unsigned char first;
+        std::memcpy(&first, &probe, 1);
+        return first == 1;
+    }();
+    return order != (little_endian ? '>' : '<');
 }
 
 Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
@@ -79,14 +95,8 @@ Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
     else if (num == py::detail::npy_api::NPY_DOUBLE_) b.dtype = DType::f64;
     else
         throw_type(arg.str() + " has dtype " + std::string(py::str(dt)) +
-                   "; fastadam supports float32 and float64 (all arrays of one parameter share its dtype): "
-                   "keep the parameter and its state in one of those dtypes");
-    const char order = dt.byteorder();
-    static const bool little_endian = [] {
-        const std::uint16_t probe = 1;
-        return *reinterpret_cast<const std::uint8_t*>(&probe) == 1;
-    }();
-    if (order == (little_endian ? '>' : '<'))
+                   "; fastadam supports float32 and float64 (a parameter, its gradient and its state share one dtype)");
+    if (!native_byte_order(dt.byteorder()))
         throw_type(arg.str() + " has non-native byte order (dtype " + std::string(py::str(dt.attr("str"))) +
                    "); convert it once with x.astype(x.dtype.newbyteorder('=')) and keep that array");
     if (!(a.flags() & py::array::c_style))
@@ -97,7 +107,7 @@ Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
         throw_value(arg.str() + " is not aligned to its dtype; make an aligned copy once with numpy.require(x, requirements='A')");
     if (writable && !a.writeable())
         throw_value(arg.str() + " is read-only; fastadam writes it in place: pass a writeable array "
-                           "(e.g. x.copy(), or x.setflags(write=True) if you own its memory)");
+                                "(e.g. x.copy(), or x.setflags(write=True) if you own its memory)");
     b.data = static_cast<char*>(const_cast<void*>(a.data()));
     b.size = static_cast<std::int64_t>(a.size());
     b.nbytes = b.size * static_cast<std::int64_t>(a.itemsize());
@@ -106,10 +116,10 @@ Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
 }
 
 void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg) {
-    auto a = py::reinterpret_borrow<py::array>(b.obj), r = py::reinterpret_borrow<py::array>(ref.obj);
     if (b.dtype != ref.dtype)
-        throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + ref_arg.str() + " has dtype " + dtype_name(ref.dtype) +
-                   "; a parameter, its gradient and its state must share one dtype");
+        throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + ref_arg.str() + " has dtype " +
+                   dtype_name(ref.dtype) + "; a parameter, its gradient and its state must share one dtype");
+    auto a = py::reinterpret_borrow<py::array>(b.obj), r = py::reinterpret_borrow<py::array>(ref.obj);
     bool same = a.ndim() == r.ndim();
     for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == r.shape(i);
     if (!same)
@@ -117,34 +127,45 @@ void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, co
                     "; they must have the same shape");
 }
 
+// ----- overlap ---------------------------------------------------------------------
+
 struct Range {
     std::uintptr_t begin, end;
     ArgName arg;
+    bool written;
 };
 
-// Raises if any two of the ranges share a byte. Sort + sweep: O(n log n) over a
-// multi-tensor step, so two parameters that alias each other are caught too.
+// Raises if a written buffer shares a byte with any other buffer of the step.
+// Gradients are only read, so several tensors may share one gradient array.
+// Sort + sweep: O(n log n) over a multi-tensor step.
 void check_no_overlap(std::vector<Range>& ranges) {
     ranges.erase(std::remove_if(ranges.begin(), ranges.end(), [](const Range& r) { return r.begin == r.end; }), ranges.end());
     std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
-    for (std::size_t i = 1; i < ranges.size(); ++i)
-        if (ranges[i].begin < ranges[i - 1].end)
-            throw_value(ranges[i - 1].arg.str() + " and " + ranges[i].arg.str().substr(ranges[i].arg.fn->size() + 2) +
+    const Range* reach_any = nullptr;      // the range reaching furthest so far
+    const Range* reach_written = nullptr;  // the written range reaching furthest so far
+    for (const Range& r : ranges) {
+        const Range* other = r.written ? reach_any : reach_written;
+        if (other != nullptr && r.begin < other->end)
+            throw_value(other->arg.str() + " and " + r.arg.str().substr(std::strlen(r.arg.fn) + 2) +
                         " share memory; every written buffer (param, exp_avg, exp_avg_sq, max_exp_avg_sq, "
-                        "momentum_buffer) must be its own array, and grad must not overlap them");
+                        "momentum_buffer) must be its own array, and no gradient may overlap one");
+        if (reach_any == nullptr || r.end > reach_any->end) reach_any = &r;
+        if (r.written && (reach_written == nullptr || r.end > reach_written->end)) reach_written = &r;
+    }
 }
 
-Range range_of(const Buffer& b, const ArgName& arg) {
-    const auto begin = reinterpret_cast<std::uintptr_t>(b.data);
-    return Range{begin, begin + static_cast<std::uintptr_t>(b.nbytes), arg};
-}
+// ----- scalars ---------------------------------------------------------------------
 
 double check_real(py::handle h, const char* fn, const char* name) {
-    if (PyBool_Check(h.ptr()) || !(PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr()) || PyNumber_Check(h.ptr())))
+    PyObject* o = h.ptr();
+    if (PyBool_Check(o) || PyComplex_Check(o) || !(PyFloat_Check(o) || PyLong_Check(o) || PyNumber_Check(o)))
         throw_type(std::string(fn) + ": " + name + " must be a real number, got " + type_name(h));
-    const double v = PyFloat_AsDouble(h.ptr());
-    if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
-    if (!std::isfinite(v)) throw_value(std::string(fn) + ": " + name + " must be finite, got " + std::to_string(v));
+    const double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw_type(std::string(fn) + ": " + name + " must be a real number, got " + type_name(h));
+    }
+    if (!std::isfinite(v)) throw_value(std::string(fn) + ": " + name + " must be finite, got " + std::string(py::repr(h)));
     return v;
 }
 
@@ -154,89 +175,98 @@ double check_nonnegative(py::handle h, const char* fn, const char* name) {
     return v;
 }
 
-std::int64_t check_step(py::handle h, const std::string& what) {
-    if (PyBool_Check(h.ptr()) || PyFloat_Check(h.ptr()))
-        throw_type(what + " must be an integer (the 1-based count of this update), got " + type_name(h));
-    PyObject* index = PyNumber_Index(h.ptr());
-    if (index == nullptr) {
-        PyErr_Clear();
-        throw_type(what + " must be an integer (the 1-based count of this update), got " + type_name(h));
+bool check_bool(py::handle h, const char* fn, const char* name) {
+    if (h.ptr() == Py_True) return true;
+    if (h.ptr() == Py_False) return false;
+    const char* type = Py_TYPE(h.ptr())->tp_name;
+    if (std::strcmp(type, "numpy.bool") == 0 || std::strcmp(type, "numpy.bool_") == 0) return PyObject_IsTrue(h.ptr()) == 1;
+    throw_type(std::string(fn) + ": " + name + " must be True or False, got " + std::string(py::repr(h)));
+}
+
+std::int64_t check_step(py::handle h, const ArgName& arg) {
+    PyObject* o = h.ptr();
+    if (PyBool_Check(o) || PyFloat_Check(o) || !PyIndex_Check(o))
+        throw_type(arg.str() + " must be an integer (the 1-based count of this update), got " + type_name(h));
+    int overflow = 0;
+    long long v = PyLong_Check(o) ? PyLong_AsLongLongAndOverflow(o, &overflow) : 0;
+    if (!PyLong_Check(o)) {
+        py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+        if (!index) throw py::error_already_set();
+        v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
     }
-    const long long v = PyLong_AsLongLong(index);
-    Py_DECREF(index);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        throw_value(what + " is too large");
-    }
-    if (v < 1) throw_value(what + " must be >= 1 (the count of this update, starting at 1), got " + std::to_string(v));
+    if (overflow != 0) throw_value(arg.str() + " is out of range");
+    if (v < 1) throw_value(arg.str() + " must be >= 1 (the count of this update, starting at 1), got " + std::to_string(v));
     return static_cast<std::int64_t>(v);
 }
 
-AdamHyperparams adam_hyper(const char* fn, py::handle lr, py::handle betas, py::handle eps, py::handle weight_decay,
-                           bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+// Hyper-parameters as handles in a fixed order; a null handle takes the default.
+enum AdamKey { kLr, kBetas, kEps, kWeightDecay, kDecoupled, kAmsgrad, kMaximize, kAdamKeys };
+
+AdamHyperparams adam_hyper(const char* fn, const py::handle* v) {
     AdamHyperparams h;
-    h.lr = check_nonnegative(lr, fn, "lr");
-    h.eps = check_nonnegative(eps, fn, "eps");
-    h.weight_decay = check_nonnegative(weight_decay, fn, "weight_decay");
-    if (!PySequence_Check(betas.ptr()) || PyUnicode_Check(betas.ptr()) || PySequence_Size(betas.ptr()) != 2) {
-        PyErr_Clear();
-        throw_type(std::string(fn) + ": betas must be a pair (beta1, beta2), got " + std::string(py::repr(betas)));
+    if (v[kLr]) h.lr = check_nonnegative(v[kLr], fn, "lr");
+    if (v[kEps]) h.eps = check_nonnegative(v[kEps], fn, "eps");
+    if (v[kWeightDecay]) h.weight_decay = check_nonnegative(v[kWeightDecay], fn, "weight_decay");
+    if (v[kBetas]) {
+        PyObject* b = v[kBetas].ptr();
+        if (!(PyTuple_Check(b) || PyList_Check(b)) || Py_SIZE(b) != 2)
+            throw_type(std::string(fn) + ": betas must be a pair (beta1, beta2), got " + std::string(py::repr(v[kBetas])));
+        h.beta1 = check_real(PySequence_Fast_GET_ITEM(b, 0), fn, "betas[0]");
+        h.beta2 = check_real(PySequence_Fast_GET_ITEM(b, 1), fn, "betas[1]");
+        for (double beta : {h.beta1, h.beta2})
+            if (!(beta >= 0.0 && beta < 1.0))
+                throw_value(std::string(fn) + ": betas must lie in [0, 1), got " + std::string(py::repr(v[kBetas])));
     }
-    auto seq = py::reinterpret_borrow<py::sequence>(betas);
-    h.beta1 = check_real(seq[0], fn, "betas[0]");
-    h.beta2 = check_real(seq[1], fn, "betas[1]");
-    for (double b : {h.beta1, h.beta2})
-        if (!(b >= 0.0 && b < 1.0))
-            throw_value(std::string(fn) + ": betas must lie in [0, 1), got " + std::string(py::repr(betas)));
-    h.decoupled_weight_decay = decoupled_weight_decay;
-    h.amsgrad = amsgrad;
-    h.maximize = maximize;
+    if (v[kDecoupled]) h.decoupled_weight_decay = check_bool(v[kDecoupled], fn, "decoupled_weight_decay");
+    if (v[kAmsgrad]) h.amsgrad = check_bool(v[kAmsgrad], fn, "amsgrad");
+    if (v[kMaximize]) h.maximize = check_bool(v[kMaximize], fn, "maximize");
     return h;
 }
 
-SgdHyperparams sgd_hyper(const char* fn, py::handle lr, py::handle momentum, py::handle dampening, py::handle weight_decay,
-                         bool nesterov, bool maximize) {
+enum SgdKey { kSgdLr, kMomentum, kDampening, kSgdWeightDecay, kNesterov, kSgdMaximize, kSgdKeys };
+
+SgdHyperparams sgd_hyper(const char* fn, const py::handle* v) {
     SgdHyperparams h;
-    h.lr = check_nonnegative(lr, fn, "lr");
-    h.momentum = check_nonnegative(momentum, fn, "momentum");
-    h.dampening = check_real(dampening, fn, "dampening");
-    h.weight_decay = check_nonnegative(weight_decay, fn, "weight_decay");
-    h.nesterov = nesterov;
-    h.maximize = maximize;
-    if (nesterov && (h.momentum <= 0 || h.dampening != 0))
+    if (!v[kSgdLr]) throw_type(std::string(fn) + ": missing required argument lr");
+    h.lr = check_nonnegative(v[kSgdLr], fn, "lr");
+    if (v[kMomentum]) h.momentum = check_nonnegative(v[kMomentum], fn, "momentum");
+    if (v[kDampening]) h.dampening = check_real(v[kDampening], fn, "dampening");
+    if (v[kSgdWeightDecay]) h.weight_decay = check_nonnegative(v[kSgdWeightDecay], fn, "weight_decay");
+    if (v[kNesterov]) h.nesterov = check_bool(v[kNesterov], fn, "nesterov");
+    if (v[kSgdMaximize]) h.maximize = check_bool(v[kSgdMaximize], fn, "maximize");
+    if (h.nesterov && (h.momentum <= 0 || h.dampening != 0))
         throw_value(std::string(fn) + ": nesterov=True requires momentum > 0 and dampening = 0");
     return h;
 }
 
-py::handle item(py::handle seq, std::size_t i) {
-    return PyList_Check(seq.ptr()) ? PyList_GET_ITEM(seq.ptr(), i) : PyTuple_GET_ITEM(seq.ptr(), i);
-}
+// ----- lists of tensors ------------------------------------------------------------
 
-std::size_t check_list(py::handle seq, const std::string& fn, const char* name, std::size_t expected, bool has_expected) {
+py::handle item(py::handle seq, std::size_t i) { return PySequence_Fast_GET_ITEM(seq.ptr(), static_cast<Py_ssize_t>(i)); }
+
+std::size_t check_list(py::handle seq, const char* fn, const char* name, std::size_t expected, bool has_expected,
+                       const char* what = "numpy arrays") {
     if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr()))
-        throw_type(fn + ": " + name + " must be a list or tuple of numpy arrays, got " + type_name(seq));
+        throw_type(std::string(fn) + ": " + name + " must be a list or tuple of " + what + ", got " + type_name(seq));
     const auto n = static_cast<std::size_t>(Py_SIZE(seq.ptr()));
     if (has_expected && n != expected)
-        throw_value(fn + ": " + name + " has " + std::to_string(n) + " entries but params has " + std::to_string(expected));
+        throw_value(std::string(fn) + ": " + name + " has " + std::to_string(n) + " entries but params has " + std::to_string(expected));
     return n;
 }
 
-std::string indexed(const std::string& fn, const char* name, std::size_t i) { return fn + ": " + name + "[" + std::to_string(i) + "]"; }
-
-// ----- Adam -------------------------------------------------------------------------
-
-// Validates the arrays of tensor i: `handles` in slot order (param, grad, then the
-// written state), `slots` their names. The first array is the reference for dtype
-// and shape. Appends their memory ranges for the overlap check.
-void validate_tensor(const std::string& fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
+// Validates tensor i's arrays, `handles` in `slots` order (param first: the reference
+// for dtype and shape; then grad; then written state), and records their memory.
+void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
                      std::vector<Range>& ranges, Buffer* out) {
-    const ArgName param_name{&fn, slots[0], i, multi};
+    const ArgName param_name{fn, slots[0], i, multi};
     for (int k = 0; k < n; ++k) {
-        const ArgName arg{&fn, slots[k], i, multi};
+        const ArgName arg{fn, slots[k], i, multi};
         out[k] = check_array(handles[k], arg, slots[k] != kGrad);
         if (k > 0) check_same_shape(out[k], out[0], arg, param_name);
     }
-    for (int k = 0; k < n; ++k) ranges.push_back(range_of(out[k], ArgName{&fn, slots[k], i, multi}));
+    for (int k = 0; k < n; ++k) {
+        const auto begin = reinterpret_cast<std::uintptr_t>(out[k].data);
+        ranges.push_back(Range{begin, begin + static_cast<std::uintptr_t>(out[k].nbytes), ArgName{fn, slots[k], i, multi}, slots[k] != kGrad});
+    }
 }
 
 // An optional state buffer (max_exp_avg_sq, momentum_buffer): required exactly when
@@ -248,270 +278,331 @@ bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* w
     return needed;
 }
 
-// Adam: returns false for a tensor to skip (grad is None, only when allowed).
-bool validate_adam_tensor(const std::string& fn, std::size_t i, bool multi, py::handle param, py::handle grad, py::handle exp_avg,
-                          py::handle exp_avg_sq, py::handle max_exp_avg_sq, const AdamHyperparams& h, bool allow_none_grad,
-                          std::vector<Range>& ranges, Buffer out[5]) {
-    if (allow_none_grad && grad.is_none()) return false;
-    static const Slot slots[5] = {kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq};
-    const py::handle handles[5] = {param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq};
-    const bool ams = check_optional(max_exp_avg_sq, h.amsgrad, ArgName{&fn, kMaxExpAvgSq, i, multi}, "amsgrad=True");
-    validate_tensor(fn, i, multi, handles, slots, ams ? 5 : 4, ranges, out);
-    return true;
-}
+// ----- Adam ------------------------------------------------------------------------
 
-template <class T>
-AdamTensor<T> adam_tensor(const Buffer b[5], std::int64_t step, const AdamHyperparams* h) {
-    AdamTensor<T> t;
-    t.param = reinterpret_cast<T*>(b[0].data);
-    t.grad = reinterpret_cast<const T*>(b[1].data);
-    t.exp_avg = reinterpret_cast<T*>(b[2].data);
-    t.exp_avg_sq = reinterpret_cast<T*>(b[3].data);
-    t.max_exp_avg_sq = h->amsgrad ? reinterpret_cast<T*>(b[4].data) : nullptr;
-    t.size = b[0].size;
-    t.step = step;
-    t.hyper = h;
-    return t;
-}
-
-void adam_step(py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq, py::handle step, py::handle lr,
-               py::handle betas, py::handle eps, py::handle weight_decay, bool decoupled_weight_decay, bool amsgrad,
-               py::handle max_exp_avg_sq, bool maximize) {
-    static const std::string fn = "adam_step()";
-    const AdamHyperparams h = adam_hyper("adam_step()", lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize);
-    const std::int64_t s = check_step(step, fn + ": step");
-    std::vector<Range> ranges;
-    ranges.reserve(5);
-    Buffer b[5];
-    validate_adam_tensor(fn, 0, false, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, h, false, ranges, b);
-    check_no_overlap(ranges);
-    py::gil_scoped_release release;
-    if (b[0].dtype == DType::f32) {
-        const auto t = adam_tensor<float>(b, s, &h);
-        fastadam::adam_step(&t, 1);
-    } else {
-        const auto t = adam_tensor<double>(b, s, &h);
-        fastadam::adam_step(&t, 1);
-    }
-}
-
-// The multi-tensor step. `hypers` holds one entry per group and `group_of(i)` says
-// which entry tensor i uses; `steps_out`, when given, is an int64 array whose entry
-// i is incremented (after validation) and used as tensor i's step.
 struct AdamBatch {
     std::vector<AdamTensor<float>> f32;
     std::vector<AdamTensor<double>> f64;
+    std::vector<Range> ranges;
+
+    // Returns false for a tensor to skip (grad is None, where allowed).
+    bool add(const char* fn, std::size_t i, bool multi, const py::handle arrays[5], std::int64_t step, const AdamHyperparams* h,
+             bool allow_none_grad) {
+        if (allow_none_grad && arrays[1].is_none()) return false;
+        static const Slot slots[5] = {kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq};
+        const bool ams = check_optional(arrays[4], h->amsgrad, ArgName{fn, kMaxExpAvgSq, i, multi}, "amsgrad=True");
+        Buffer b[5];
+        validate_tensor(fn, i, multi, arrays, slots, ams ? 5 : 4, ranges, b);
+        if (b[0].dtype == DType::f32) f32.push_back(make<float>(b, step, h));
+        else f64.push_back(make<double>(b, step, h));
+        return true;
+    }
+    template <class T>
+    static AdamTensor<T> make(const Buffer* b, std::int64_t step, const AdamHyperparams* h) {
+        AdamTensor<T> t;
+        t.param = reinterpret_cast<T*>(b[0].data);
+        t.grad = reinterpret_cast<const T*>(b[1].data);
+        t.exp_avg = reinterpret_cast<T*>(b[2].data);
+        t.exp_avg_sq = reinterpret_cast<T*>(b[3].data);
+        t.max_exp_avg_sq = h->amsgrad ? reinterpret_cast<T*>(b[4].data) : nullptr;
+        t.size = b[0].size;
+        t.step = step;
+        t.hyper = h;
+        return t;
+    }
+    // Everything is validated: check overlaps, then write.
     void run() {
+        check_no_overlap(ranges);
         py::gil_scoped_release release;
         if (!f32.empty()) fastadam::adam_step(f32.data(), f32.size());
         if (!f64.empty()) fastadam::adam_step(f64.data(), f64.size());
     }
 };
 
-void adam_step_multi(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs, py::handle steps,
-                     py::handle lr, py::handle betas, py::handle eps, py::handle weight_decay, bool decoupled_weight_decay,
-                     bool amsgrad, py::handle max_exp_avg_sqs, bool maximize) {
-    static const std::string fn = "adam_step_multi()";
-    const AdamHyperparams h = adam_hyper("adam_step_multi()", lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize);
-    const std::size_t n = check_list(params, fn, "params", 0, false);
-    check_list(grads, fn, "grads", n, true);
-    check_list(exp_avgs, fn, "exp_avgs", n, true);
-    check_list(exp_avg_sqs, fn, "exp_avg_sqs", n, true);
-    const bool has_max = !max_exp_avg_sqs.is_none();
-    if (has_max) check_list(max_exp_avg_sqs, fn, "max_exp_avg_sqs", n, true);
-    if (amsgrad != has_max)
-        throw_value(fn + (amsgrad ? ": max_exp_avg_sqs is required with amsgrad=True (one zero-initialised array per param)"
-                                  : ": max_exp_avg_sqs is only used with amsgrad=True; pass None or set amsgrad=True"));
-    const bool one_step = PyLong_Check(steps.ptr()) || (!PyList_Check(steps.ptr()) && !PyTuple_Check(steps.ptr()) && PyIndex_Check(steps.ptr()));
-    std::int64_t common_step = 0;
-    if (one_step) common_step = check_step(steps, fn + ": steps");
-    else check_list(steps, fn, "steps", n, true);
-
-    std::vector<Range> ranges;
-    ranges.reserve(5 * n);
-    AdamBatch batch;
-    for (std::size_t i = 0; i < n; ++i) {
-        Buffer b[5];
-        validate_adam_tensor(fn, i, true, item(params, i), item(grads, i), item(exp_avgs, i), item(exp_avg_sqs, i),
-                             has_max ? item(max_exp_avg_sqs, i) : py::none(), h, false, ranges, b);
-        const std::int64_t s = one_step ? common_step : check_step(item(steps, i), indexed(fn, "steps", i));
-        if (b[0].dtype == DType::f32) batch.f32.push_back(adam_tensor<float>(b, s, &h));
-        else batch.f64.push_back(adam_tensor<double>(b, s, &h));
-    }
-    check_no_overlap(ranges);
-    batch.run();
-}
-
-// ----- the optimizers' whole-step entry points --------------------------------------
-
-std::int64_t* check_steps_array(py::handle steps, const std::string& fn, std::size_t n) {
-    if (!py::isinstance<py::array>(steps)) throw_type(fn + ": steps must be an int64 numpy array");
-    auto a = py::reinterpret_borrow<py::array>(steps);
-    if (a.dtype().num() != py::dtype::of<std::int64_t>().num() || !(a.flags() & py::array::c_style) || !a.writeable() ||
-        static_cast<std::size_t>(a.size()) != n)
-        throw_value(fn + ": steps must be a writeable C-contiguous int64 array with one entry per param");
-    return static_cast<std::int64_t*>(a.mutable_data());
-}
-
-std::vector<std::size_t> group_of_tensors(py::handle group_sizes, std::size_t n_groups, std::size_t n, const std::string& fn) {
-    std::vector<std::size_t> group_of;
-    group_of.reserve(n);
-    if (static_cast<std::size_t>(py::len(group_sizes)) != n_groups) throw_value(fn + ": one size per group expected");
-    for (std::size_t g = 0; g < n_groups; ++g) {
-        const auto size = py::cast<std::size_t>(item(group_sizes, g));
-        group_of.insert(group_of.end(), size, g);
-    }
-    if (group_of.size() != n) throw_value(fn + ": group sizes do not add up to the number of params");
-    return group_of;
-}
-
-// Optimizer.step: all groups in one call. Tensors whose grad is None are skipped
-// (their step count is not advanced), as torch skips params whose .grad is None.
-void adam_step_groups(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs, py::handle max_exp_avg_sqs,
-                      py::handle steps, py::handle group_sizes, py::handle group_hypers) {
-    static const std::string fn = "Adam.step()";
-    const std::size_t n = check_list(params, fn, "params", 0, false);
-    check_list(grads, fn, "grads", n, true);
-    check_list(exp_avgs, fn, "exp_avgs", n, true);
-    check_list(exp_avg_sqs, fn, "exp_avg_sqs", n, true);
-    check_list(max_exp_avg_sqs, fn, "max_exp_avg_sqs", n, true);
-    std::int64_t* step_counts = check_steps_array(steps, fn, n);
-    const std::size_t n_groups = check_list(group_hypers, fn, "group_hypers", 0, false);
-    std::vector<AdamHyperparams> hypers(n_groups);
-    for (std::size_t g = 0; g < n_groups; ++g) {
-        auto t = py::reinterpret_borrow<py::tuple>(item(group_hypers, g));
-        if (t.size() != 7) throw_value(fn + ": bad group hyper-parameters");
-        const std::string gfn = "Adam.step(): param_groups[" + std::to_string(g) + "]";
-        hypers[g] = adam_hyper(gfn.c_str(), t[0], t[1], t[2], t[3], py::cast<bool>(t[4]), py::cast<bool>(t[5]), py::cast<bool>(t[6]));
-    }
-    const std::vector<std::size_t> group_of = group_of_tensors(group_sizes, n_groups, n, fn);
-
-    std::vector<Range> ranges;
-    ranges.reserve(5 * n);
-    AdamBatch batch;
-    std::vector<std::size_t> updated;
-    updated.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) {
-        Buffer b[5];
-        const AdamHyperparams* h = &hypers[group_of[i]];
-        if (!validate_adam_tensor(fn, i, true, item(params, i), item(grads, i), item(exp_avgs, i), item(exp_avg_sqs, i),
-                                  item(max_exp_avg_sqs, i), *h, true, ranges, b))
-            continue;
-        const std::int64_t s = step_counts[i] + 1;
-        if (b[0].dtype == DType::f32) batch.f32.push_back(adam_tensor<float>(b, s, h));
-        else batch.f64.push_back(adam_tensor<double>(b, s, h));
-        updated.push_back(i);
-    }
-    check_no_overlap(ranges);
-    for (std::size_t i : updated) ++step_counts[i];
-    batch.run();
-}
-
-// ----- SGD --------------------------------------------------------------------------
-
-template <class T>
-SgdTensor<T> sgd_tensor(const Buffer b[3], bool first_step, const SgdHyperparams* h) {
-    SgdTensor<T> t;
-    t.param = reinterpret_cast<T*>(b[0].data);
-    t.grad = reinterpret_cast<const T*>(b[1].data);
-    t.momentum_buffer = h->momentum != 0.0 ? reinterpret_cast<T*>(b[2].data) : nullptr;
-    t.size = b[0].size;
-    t.first_step = first_step;
-    t.hyper = h;
-    return t;
-}
-
-bool validate_sgd_tensor(const std::string& fn, std::size_t i, bool multi, py::handle param, py::handle grad, py::handle buffer,
-                         const SgdHyperparams& h, bool allow_none_grad, std::vector<Range>& ranges, Buffer out[3]) {
-    if (allow_none_grad && grad.is_none()) return false;
-    static const Slot slots[3] = {kParam, kGrad, kMomentumBuffer};
-    const py::handle handles[3] = {param, grad, buffer};
-    const bool mom = check_optional(buffer, h.momentum != 0.0, ArgName{&fn, kMomentumBuffer, i, multi}, "momentum != 0");
-    validate_tensor(fn, i, multi, handles, slots, mom ? 3 : 2, ranges, out);
-    return true;
-}
+// ----- SGD -------------------------------------------------------------------------
 
 struct SgdBatch {
     std::vector<SgdTensor<float>> f32;
     std::vector<SgdTensor<double>> f64;
-    void add(const Buffer b[3], bool first_step, const SgdHyperparams* h) {
-        if (b[0].dtype == DType::f32) f32.push_back(sgd_tensor<float>(b, first_step, h));
-        else f64.push_back(sgd_tensor<double>(b, first_step, h));
+    std::vector<Range> ranges;
+
+    bool add(const char* fn, std::size_t i, bool multi, const py::handle arrays[3], bool first_step, const SgdHyperparams* h,
+             bool allow_none_grad) {
+        if (allow_none_grad && arrays[1].is_none()) return false;
+        static const Slot slots[3] = {kParam, kGrad, kMomentumBuffer};
+        const bool mom = check_optional(arrays[2], h->momentum != 0.0, ArgName{fn, kMomentumBuffer, i, multi}, "momentum != 0");
+        Buffer b[3];
+        validate_tensor(fn, i, multi, arrays, slots, mom ? 3 : 2, ranges, b);
+        if (b[0].dtype == DType::f32) f32.push_back(make<float>(b, first_step, h));
+        else f64.push_back(make<double>(b, first_step, h));
+        return true;
+    }
+    template <class T>
+    static SgdTensor<T> make(const Buffer* b, bool first_step, const SgdHyperparams* h) {
+        SgdTensor<T> t;
+        t.param = reinterpret_cast<T*>(b[0].data);
+        t.grad = reinterpret_cast<const T*>(b[1].data);
+        t.momentum_buffer = h->momentum != 0.0 ? reinterpret_cast<T*>(b[2].data) : nullptr;
+        t.size = b[0].size;
+        t.first_step = first_step;
+        t.hyper = h;
+        return t;
     }
     void run() {
+        check_no_overlap(ranges);
         py::gil_scoped_release release;
         if (!f32.empty()) fastadam::sgd_step(f32.data(), f32.size());
         if (!f64.empty()) fastadam::sgd_step(f64.data(), f64.size());
     }
 };
 
-void sgd_step(py::handle param, py::handle grad, py::handle momentum_buffer, py::handle step, py::handle lr, py::handle momentum,
-              py::handle dampening, py::handle weight_decay, bool nesterov, bool maximize) {
-    static const std::string fn = "sgd_step()";
-    const SgdHyperparams h = sgd_hyper("sgd_step()", lr, momentum, dampening, weight_decay, nesterov, maximize);
-    const std::int64_t s = check_step(step, fn + ": step");
-    std::vector<Range> ranges;
-    Buffer b[3];
-    validate_sgd_tensor(fn, 0, false, param, grad, momentum_buffer, h, false, ranges, b);
-    check_no_overlap(ranges);
-    SgdBatch batch;
-    batch.add(b, s == 1, &h);
-    batch.run();
+// ----- a keyword parser for METH_FASTCALL functions ---------------------------------
+
+// Fills out[i] with argument i (or a null handle when absent). The first
+// `positional` names may be given by position; the rest are keyword-only. Keyword
+// names from call sites are interned strings, so pointer comparison finds them.
+void parse_args(const char* fn, const char* const* names, int count, int positional, int required_positional,
+                PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, py::handle* out) {
+    static thread_local std::vector<std::pair<const char* const*, std::vector<PyObject*>>> cache;
+    std::vector<PyObject*>* interned = nullptr;
+    for (auto& entry : cache)
+        if (entry.first == names) interned = &entry.second;
+    if (interned == nullptr) {
+        cache.emplace_back(names, std::vector<PyObject*>());
+        interned = &cache.back().second;
+        for (int i = 0; i < count; ++i) interned->push_back(PyUnicode_InternFromString(names[i]));
+    }
+    for (int i = 0; i < count; ++i) out[i] = py::handle();
+    if (nargs > positional)
+        throw_type(std::string(fn) + " takes " + std::to_string(positional) + " positional arguments but " + std::to_string(nargs) +
+                   " were given; the hyper-parameters are keyword-only");
+    for (Py_ssize_t i = 0; i < nargs; ++i) out[i] = args[i];
+    const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; ++k) {
+        PyObject* key = PyTuple_GET_ITEM(kwnames, k);
+        int found = -1;
+        for (int i = 0; i < count && found < 0; ++i)
+            if ((*interned)[i] == key) found = i;
+        for (int i = 0; i < count && found < 0; ++i)
+            if (PyUnicode_Compare((*interned)[i], key) == 0) found = i;
+        if (found < 0) throw_type(std::string(fn) + " got an unexpected keyword argument '" + py::str(key).cast<std::string>() + "'");
+        if (out[found]) throw_type(std::string(fn) + " got multiple values for argument '" + names[found] + "'");
+        out[found] = args[nargs + k];
+    }
+    for (int i = 0; i < required_positional; ++i)
+        if (!out[i]) throw_type(std::string(fn) + " missing required argument '" + names[i] + "'");
 }
 
-void sgd_step_groups(py::handle params, py::handle grads, py::handle momentum_buffers, py::handle steps, py::handle group_sizes,
-                     py::handle group_hypers) {
-    static const std::string fn = "SGD.step()";
+// Runs `body` and turns C++ exceptions into Python ones, for METH_FASTCALL entry points.
+template <class Body>
+PyObject* guarded(Body&& body) {
+    try {
+        body();
+        Py_RETURN_NONE;
+    } catch (py::error_already_set& e) {
+        e.restore();
+    } catch (const py::builtin_exception& e) {
+        e.set_error();
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return nullptr;
+}
+
+py::handle none_if_null(py::handle h) { return h ? h : py::handle(Py_None); }
+
+// adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, betas, eps, weight_decay,
+//           decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize)
+PyObject* adam_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    return guarded([&] {
+        static const char* const names[] = {"param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "betas", "eps",
+                                            "weight_decay", "decoupled_weight_decay", "amsgrad", "max_exp_avg_sq", "maximize"};
+        constexpr const char* fn = "adam_step()";
+        py::handle a[13];
+        parse_args(fn, names, 13, 4, 4, args, nargs, kwnames, a);
+        if (!a[4]) throw_type("adam_step() missing required keyword argument 'step' (the 1-based count of this update)");
+        const py::handle hyper[kAdamKeys] = {a[5], a[6], a[7], a[8], a[9], a[10], a[12]};
+        const AdamHyperparams h = adam_hyper(fn, hyper);
+        const std::int64_t step = check_step(a[4], ArgName{fn, kStep, 0, false});
+        const py::handle arrays[5] = {a[0], a[1], a[2], a[3], none_if_null(a[11])};
+        AdamBatch batch;
+        batch.ranges.reserve(5);
+        batch.add(fn, 0, false, arrays, step, &h, false);
+        batch.run();
+    });
+}
+
+// adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, *, steps, <adam_step's hyper-parameters>,
+//                 max_exp_avg_sqs, ...)
+PyObject* adam_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    return guarded([&] {
+        static const char* const names[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "lr", "betas", "eps",
+                                            "weight_decay", "decoupled_weight_decay", "amsgrad", "max_exp_avg_sqs", "maximize"};
+        constexpr const char* fn = "adam_step_multi()";
+        py::handle a[13];
+        parse_args(fn, names, 13, 4, 4, args, nargs, kwnames, a);
+        if (!a[4]) throw_type("adam_step_multi() missing required keyword argument 'steps' (an int, or one int per tensor)");
+        const py::handle hyper[kAdamKeys] = {a[5], a[6], a[7], a[8], a[9], a[10], a[12]};
+        const AdamHyperparams h = adam_hyper(fn, hyper);
+        const std::size_t n = check_list(a[0], fn, "params", 0, false);
+        check_list(a[1], fn, "grads", n, true);
+        check_list(a[2], fn, "exp_avgs", n, true);
+        check_list(a[3], fn, "exp_avg_sqs", n, true);
+        const py::handle maxes = none_if_null(a[11]);
+        if (!maxes.is_none()) check_list(maxes, fn, "max_exp_avg_sqs", n, true);
+        if (h.amsgrad == maxes.is_none())
+            throw_value(std::string(fn) + (h.amsgrad ? ": max_exp_avg_sqs is required with amsgrad=True (one zero-initialised array per param)"
+                                                     : ": max_exp_avg_sqs is only used with amsgrad=True; pass None"));
+        const py::handle steps = a[4];
+        const bool per_tensor = PyList_Check(steps.ptr()) || PyTuple_Check(steps.ptr());
+        if (per_tensor) check_list(steps, fn, "steps", n, true, "ints");
+        const std::int64_t common_step = per_tensor ? 0 : check_step(steps, ArgName{fn, kSteps, 0, false});
+        AdamBatch batch;
+        batch.ranges.reserve(5 * n);
+        for (std::size_t i = 0; i < n; ++i) {
+            const py::handle arrays[5] = {item(a[0], i), item(a[1], i), item(a[2], i), item(a[3], i),
+                                          maxes.is_none() ? maxes : item(maxes, i)};
+            const std::int64_t step = per_tensor ? check_step(item(steps, i), ArgName{fn, kStep, i, true}) : common_step;
+            batch.add(fn, i, true, arrays, step, &h, false);
+        }
+        batch.run();
+    });
+}
+
+// sgd_step(param, grad, momentum_buffer=None, *, step, lr, momentum, dampening, weight_decay, nesterov, maximize)
+PyObject* sgd_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    return guarded([&] {
+        static const char* const names[] = {"param", "grad", "momentum_buffer", "step", "lr", "momentum", "dampening",
+                                            "weight_decay", "nesterov", "maximize"};
+        constexpr const char* fn = "sgd_step()";
+        py::handle a[10];
+        parse_args(fn, names, 10, 3, 2, args, nargs, kwnames, a);
+        if (!a[3]) throw_type("sgd_step() missing required keyword argument 'step' (the 1-based count of this update)");
+        const py::handle hyper[kSgdKeys] = {a[4], a[5], a[6], a[7], a[8], a[9]};
+        const SgdHyperparams h = sgd_hyper(fn, hyper);
+        const std::int64_t step = check_step(a[3], ArgName{fn, kStep, 0, false});
+        const py::handle arrays[3] = {a[0], a[1], none_if_null(a[2])};
+        SgdBatch batch;
+        batch.ranges.reserve(3);
+        batch.add(fn, 0, false, arrays, step == 1, &h, false);
+        batch.run();
+    });
+}
+
+// ----- the optimizers' whole-step entry points (private, positional) ----------------
+
+std::int64_t* check_steps_array(py::handle steps, const char* fn, std::size_t n) {
+    if (!py::isinstance<py::array>(steps)) throw_type(std::string(fn) + ": internal step counts must be an int64 array");
+    auto a = py::reinterpret_borrow<py::array>(steps);
+    if (a.dtype().num() != py::dtype::of<std::int64_t>().num() || !(a.flags() & py::array::c_style) || !a.writeable() ||
+        static_cast<std::size_t>(a.size()) != n)
+        throw_value(std::string(fn) + ": internal step counts must be a writeable C-contiguous int64 array, one per param");
+    return static_cast<std::int64_t*>(a.mutable_data());
+}
+
+// Group g's hyper-parameters (a tuple in the kernel's key order) for each tensor.
+template <class Hyper, class Parse>
+std::vector<Hyper> group_hypers(py::handle hypers, std::size_t keys, const std::string& fn, Parse parse) {
+    const std::size_t n_groups = check_list(hypers, fn.c_str(), "group_hypers", 0, false, "tuples");
+    std::vector<Hyper> out(n_groups);
+    for (std::size_t g = 0; g < n_groups; ++g) {
+        py::handle t = item(hypers, g);
+        if (!PyTuple_Check(t.ptr()) || static_cast<std::size_t>(PyTuple_GET_SIZE(t.ptr())) != keys)
+            throw_value(fn + ": internal error: bad group hyper-parameters");
+        std::vector<py::handle> v(keys);
+        for (std::size_t k = 0; k < keys; ++k) v[k] = PyTuple_GET_ITEM(t.ptr(), k);
+        const std::string where = fn + ": param_groups[" + std::to_string(g) + "]";
+        out[g] = parse(where.c_str(), v.data());
+    }
+    return out;
+}
+
+std::vector<std::size_t> group_of_tensors(py::handle group_sizes, std::size_t n_groups, std::size_t n, const char* fn) {
+    std::vector<std::size_t> group_of;
+    group_of.reserve(n);
+    if (static_cast<std::size_t>(py::len(group_sizes)) != n_groups) throw_value(std::string(fn) + ": internal error: one size per group expected");
+    for (std::size_t g = 0; g < n_groups; ++g) group_of.insert(group_of.end(), py::cast<std::size_t>(item(group_sizes, g)), g);
+    if (group_of.size() != n) throw_value(std::string(fn) + ": internal error: group sizes do not add up");
+    return group_of;
+}
+
+// Optimizer.step for Adam/AdamW: all groups in one call. A None grad skips its
+// tensor and leaves its step count, as torch skips params whose .grad is None.
+void adam_step_groups(const std::string& fn_name, py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
+                      py::handle max_exp_avg_sqs, py::handle steps, py::handle group_sizes, py::handle hypers_in) {
+    const char* fn = fn_name.c_str();
+    const std::size_t n = check_list(params, fn, "params", 0, false);
+    check_list(grads, fn, "grads", n, true);
+    check_list(exp_avgs, fn, "exp_avgs", n, true);
+    check_list(exp_avg_sqs, fn, "exp_avg_sqs", n, true);
+    check_list(max_exp_avg_sqs, fn, "max_exp_avg_sqs", n, true);
+    std::int64_t* step_counts = check_steps_array(steps, fn, n);
+    const auto hypers = group_hypers<AdamHyperparams>(hypers_in, kAdamKeys, fn_name, adam_hyper);
+    const auto group_of = group_of_tensors(group_sizes, hypers.size(), n, fn);
+    AdamBatch batch;
+    batch.ranges.reserve(5 * n);
+    std::vector<std::size_t> updated;
+    updated.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        const py::handle arrays[5] = {item(params, i), item(grads, i), item(exp_avgs, i), item(exp_avg_sqs, i), item(max_exp_avg_sqs, i)};
+        if (batch.add(fn, i, true, arrays, step_counts[i] + 1, &hypers[group_of[i]], true)) updated.push_back(i);
+    }
+    batch.run();
+    for (std::size_t i : updated) ++step_counts[i];
+}
+
+void sgd_step_groups(const std::string& fn_name, py::handle params, py::handle grads, py::handle momentum_buffers, py::handle steps,
+                     py::handle group_sizes, py::handle hypers_in) {
+    const char* fn = fn_name.c_str();
     const std::size_t n = check_list(params, fn, "params", 0, false);
     check_list(grads, fn, "grads", n, true);
     check_list(momentum_buffers, fn, "momentum_buffers", n, true);
     std::int64_t* step_counts = check_steps_array(steps, fn, n);
-    const std::size_t n_groups = check_list(group_hypers, fn, "group_hypers", 0, false);
-    std::vector<SgdHyperparams> hypers(n_groups);
-    for (std::size_t g = 0; g < n_groups; ++g) {
-        auto t = py::reinterpret_borrow<py::tuple>(item(group_hypers, g));
-        if (t.size() != 6) throw_value(fn + ": bad group hyper-parameters");
-        const std::string gfn = "SGD.step(): param_groups[" + std::to_string(g) + "]";
-        hypers[g] = sgd_hyper(gfn.c_str(), t[0], t[1], t[2], t[3], py::cast<bool>(t[4]), py::cast<bool>(t[5]));
-    }
-    const std::vector<std::size_t> group_of = group_of_tensors(group_sizes, n_groups, n, fn);
-    std::vector<Range> ranges;
-    ranges.reserve(3 * n);
+    const auto hypers = group_hypers<SgdHyperparams>(hypers_in, kSgdKeys, fn_name, sgd_hyper);
+    const auto group_of = group_of_tensors(group_sizes, hypers.size(), n, fn);
     SgdBatch batch;
+    batch.ranges.reserve(3 * n);
     std::vector<std::size_t> updated;
     for (std::size_t i = 0; i < n; ++i) {
-        Buffer b[3];
-        const SgdHyperparams* h = &hypers[group_of[i]];
-        if (!validate_sgd_tensor(fn, i, true, item(params, i), item(grads, i), item(momentum_buffers, i), *h, true, ranges, b))
-            continue;
-        batch.add(b, step_counts[i] == 0, h);
-        updated.push_back(i);
+        const py::handle arrays[3] = {item(params, i), item(grads, i), item(momentum_buffers, i)};
+        if (batch.add(fn, i, true, arrays, step_counts[i] == 0, &hypers[group_of[i]], true)) updated.push_back(i);
     }
-    check_no_overlap(ranges);
-    for (std::size_t i : updated) ++step_counts[i];
     batch.run();
+    for (std::size_t i : updated) ++step_counts[i];
 }
 
 // Optimizer construction: every param is a writeable float array and no two share memory.
-void check_params(py::handle params, const std::string& fn) {
+void check_params(py::handle params, const std::string& fn_name) {
+    const char* fn = fn_name.c_str();
     const std::size_t n = check_list(params, fn, "params", 0, false);
     std::vector<Range> ranges;
     ranges.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
-        const ArgName arg{&fn, kParam, i, true};
-        ranges.push_back(range_of(check_array(item(params, i), arg, true), arg));
+        const Slot slots[1] = {kParam};
+        const py::handle handles[1] = {item(params, i)};
+        Buffer b;
+        validate_tensor(fn, i, true, handles, slots, 1, ranges, &b);
     }
     check_no_overlap(ranges);
 }
 
-fastadam::Isa isa_arg(const std::string& name) {
+// Validates one group's hyper-parameters (a tuple in the kernel's key order).
+template <class Parse>
+void check_group(py::handle t, std::size_t keys, const std::string& where, Parse parse) {
+    if (!PyTuple_Check(t.ptr()) || static_cast<std::size_t>(PyTuple_GET_SIZE(t.ptr())) != keys) throw_value(where + ": internal error");
+    std::vector<py::handle> v(keys);
+    for (std::size_t k = 0; k < keys; ++k) v[k] = PyTuple_GET_ITEM(t.ptr(), k);
+    parse(where.c_str(), v.data());
+}
+
+template <class F>
+auto translate_invalid_argument(F f) {
     try {
-        return fastadam::isa_from_name(name);
+        return f();
     } catch (const std::invalid_argument& e) {
         throw_value(e.what());
     }
 }
-
 
 const char* const kAdamStepDoc = R"doc(adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None, maximize=False)
 
@@ -542,7 +633,8 @@ const char* const kAdamStepMultiDoc = R"doc(adam_step_multi(params, grads, exp_a
 Adam steps on many tensors in one native call: lists of arrays, one entry per tensor
 (float32 and float64 tensors may mix), ``steps`` an int for all or one int per tensor.
 Every array is validated before any is written; then the GIL is released once and the
-elements of all tensors are split across threads. Same formula and rules as adam_step.
+elements of all tensors are split across threads. Same formula and rules as adam_step;
+tensors may share one (read-only) gradient array.
 )doc";
 
 const char* const kSgdStepDoc = R"doc(sgd_step(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
@@ -560,31 +652,25 @@ fastadam.reference.sgd_step. Per element::
 momentum_buffer is required exactly when momentum != 0. Same array rules as adam_step.
 )doc";
 
+PyMethodDef kStepMethods[] = {
+    {"adam_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&adam_step)), METH_FASTCALL | METH_KEYWORDS, kAdamStepDoc},
+    {"adam_step_multi", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&adam_step_multi)), METH_FASTCALL | METH_KEYWORDS,
+     kAdamStepMultiDoc},
+    {"sgd_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&sgd_step)), METH_FASTCALL | METH_KEYWORDS, kSgdStepDoc},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     m.doc() = "fastadam's native kernels: argument checking and dispatch (see fastadam for the documented API).";
+    if (PyModule_AddFunctions(m.ptr(), kStepMethods) != 0) throw py::error_already_set();
 
-    m.def("adam_step", &adam_step, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::kw_only(),
-          py::arg("step"), py::arg("lr") = 1e-3, py::arg("betas") = py::make_tuple(0.9, 0.999), py::arg("eps") = 1e-8,
-          py::arg("weight_decay") = 0.0, py::arg("decoupled_weight_decay") = false, py::arg("amsgrad") = false,
-          py::arg("max_exp_avg_sq") = py::none(), py::arg("maximize") = false, kAdamStepDoc);
-    m.def("adam_step_multi", &adam_step_multi, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
-          py::kw_only(), py::arg("steps"), py::arg("lr") = 1e-3, py::arg("betas") = py::make_tuple(0.9, 0.999),
-          py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0, py::arg("decoupled_weight_decay") = false,
-          py::arg("amsgrad") = false, py::arg("max_exp_avg_sqs") = py::none(), py::arg("maximize") = false, kAdamStepMultiDoc);
-    m.def("sgd_step", &sgd_step, py::arg("param"), py::arg("grad"), py::arg("momentum_buffer") = py::none(), py::kw_only(),
-          py::arg("step"), py::arg("lr"), py::arg("momentum") = 0.0, py::arg("dampening") = 0.0, py::arg("weight_decay") = 0.0,
-          py::arg("nesterov") = false, py::arg("maximize") = false, kSgdStepDoc);
     m.def("_adam_step_groups", &adam_step_groups);
-    m.def("_check_params", [](py::handle params, const std::string& fn) { check_params(params, fn); });
-    m.def("_check_adam_group", [](py::tuple t, const std::string& fn) {
-        adam_hyper(fn.c_str(), t[0], t[1], t[2], t[3], py::cast<bool>(t[4]), py::cast<bool>(t[5]), py::cast<bool>(t[6]));
-    });
-    m.def("_check_sgd_group", [](py::tuple t, const std::string& fn) {
-        sgd_hyper(fn.c_str(), t[0], t[1], t[2], t[3], py::cast<bool>(t[4]), py::cast<bool>(t[5]));
-    });
     m.def("_sgd_step_groups", &sgd_step_groups);
+    m.def("_check_params", &check_params);
+    m.def("_check_adam_group", [](py::handle t, const std::string& where) { check_group(t, kAdamKeys, where, adam_hyper); });
+    m.def("_check_sgd_group", [](py::handle t, const std::string& where) { check_group(t, kSgdKeys, where, sgd_hyper); });
 
     m.def("available_isas", [] {
         py::list out;
@@ -593,24 +679,16 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     }, "The SIMD paths this build carries and this CPU can run, best last: a tuple of 'baseline', 'avx2', 'avx512'.");
     m.def("get_isa", [] { return std::string(fastadam::isa_name(fastadam::get_isa())); },
           "The SIMD path in use: the best available unless set_isa() or $FASTADAM_ISA chose another.");
-    m.def("set_isa", [](const std::string& name) {
-        try {
-            fastadam::set_isa(isa_arg(name));
-        } catch (const std::invalid_argument& e) {
-            throw_value(e.what());
-        }
-    }, py::arg("name"), "Use the SIMD path `name` ('baseline', 'avx2', 'avx512'); ValueError if this CPU lacks it. Results are bit-identical on every path.");
-    m.def("_set_isa_from_environment", [] {
-        try {
-            fastadam::set_isa_from_environment();
-        } catch (const std::invalid_argument& e) {
-            throw_value(e.what());
-        }
-    });
+    m.def("set_isa", [](const std::string& name) { translate_invalid_argument([&] { fastadam::set_isa(fastadam::isa_from_name(name)); }); },
+          py::arg("name"),
+          "Use the SIMD path `name` ('baseline', 'avx2', 'avx512'); ValueError if this CPU lacks it. Results are bit-identical on every path.");
+    m.def("_set_isa_from_environment", [] { translate_invalid_argument([] { fastadam::set_isa_from_environment(); }); });
     m.def("set_num_threads", [](int n) {
         if (n < 0) throw_value("set_num_threads(): n must be >= 1, or 0 to restore the default");
         fastadam::set_num_threads(n);
-    }, py::arg("n"), "Use at most n OpenMP threads per step (n >= 1), or 0 to follow OpenMP's default (OMP_NUM_THREADS, else all cores). Results are bit-identical for every n.");
+    }, py::arg("n"),
+          "Use at most n OpenMP threads per step (n >= 1), or 0 to follow OpenMP's default (OMP_NUM_THREADS, else all cores). "
+          "Results are bit-identical for every n.");
     m.def("get_num_threads", &fastadam::get_num_threads, "The number of threads a large step uses.");
     m.def("has_openmp", &fastadam::has_openmp, "Whether this build has OpenMP (else every step runs on one thread).");
     m.attr("min_elements_per_thread") = fastadam::kMinElementsPerThread;

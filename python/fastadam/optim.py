@@ -34,6 +34,7 @@ class Optimizer:
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self.defaults = dict(defaults)
+        self._step_name = f"{type(self).__name__}.step()"
         self.param_groups: list[dict[str, Any]] = []
         self._params: list[np.ndarray] = []
         self._names: list[str | None] = []
@@ -231,6 +232,8 @@ class Optimizer:
                         raise ValueError(f"{name}: step of parameter {saved_index} must be a whole number >= 0, got {step}")
                     new_steps[i] = int(step)
                 elif key in self._state_keys:
+                    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
+                        value = value.detach().cpu().numpy()
                     array = np.array(value, dtype=param.dtype, order="C", copy=True)
                     if array.shape != param.shape:
                         raise ValueError(
@@ -300,7 +303,7 @@ class Adam(Optimizer):
     ) -> None:
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, list) else betas,  # validated with the group
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
@@ -328,6 +331,7 @@ class Adam(Optimizer):
                     max_exp_avg_sqs[start : start + size] = [None] * size
                 start += size
         _core._adam_step_groups(
+            self._step_name,
             self._params, grads, b["exp_avg"], b["exp_avg_sq"], max_exp_avg_sqs, self._steps, self._group_sizes, self._hypers()
         )
 
@@ -397,4 +401,4 @@ class SGD(Optimizer):
                 if group["momentum"] == 0:
                     buffers[start : start + size] = [None] * size
                 start += size
-        _core._sgd_step_groups(self._params, grads, buffers, self._steps, self._group_sizes, self._hypers())
+        _core._sgd_step_groups(self._step_name, self._params, grads, buffers, self._steps, self._group_sizes, self._hypers())
