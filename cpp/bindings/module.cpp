@@ -129,30 +129,60 @@ void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, co
 
 // ----- overlap ---------------------------------------------------------------------
 
-struct Range {
-    std::uintptr_t begin, end;
-    ArgName arg;
-    bool written;
-};
+// The memory a step touches. A written buffer may share no byte with any other
+// buffer of the step; gradients are only read, so tensors may share one gradient.
+class Footprint {
+public:
+    Footprint(const char* fn, bool multi, std::size_t capacity) : fn_(fn), multi_(multi) { written_.reserve(capacity); }
 
-// Raises if a written buffer shares a byte with any other buffer of the step.
-// Gradients are only read, so several tensors may share one gradient array.
-// Sort + sweep: O(n log n) over a multi-tensor step.
-void check_no_overlap(std::vector<Range>& ranges) {
-    ranges.erase(std::remove_if(ranges.begin(), ranges.end(), [](const Range& r) { return r.begin == r.end; }), ranges.end());
-    std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
-    const Range* reach_any = nullptr;      // the range reaching furthest so far
-    const Range* reach_written = nullptr;  // the written range reaching furthest so far
-    for (const Range& r : ranges) {
-        const Range* other = r.written ? reach_any : reach_written;
-        if (other != nullptr && r.begin < other->end)
-            throw_value(other->arg.str() + " and " + r.arg.str().substr(std::strlen(r.arg.fn) + 2) +
-                        " share memory; every written buffer (param, exp_avg, exp_avg_sq, max_exp_avg_sq, "
-                        "momentum_buffer) must be its own array, and no gradient may overlap one");
-        if (reach_any == nullptr || r.end > reach_any->end) reach_any = &r;
-        if (r.written && (reach_written == nullptr || r.end > reach_written->end)) reach_written = &r;
+    void add(const Buffer& b, Slot slot, std::size_t tensor) {
+        if (b.nbytes == 0) return;
+        const auto begin = reinterpret_cast<std::uintptr_t>(b.data);
+        (slot == kGrad ? read_ : written_).push_back(Range{begin, begin + static_cast<std::uintptr_t>(b.nbytes), tensor, slot});
     }
-}
+
+    // Sort + sweep over the written buffers, O(n log n); then a binary search per
+    // gradient. An optimizer passes the same params and state every step, so the
+    // sorted written set of the previous call is reused when the ranges are equal.
+    void check() const {
+        const std::vector<Range>& sorted = sorted_written();
+        for (const Range& r : read_) {
+            auto it = std::upper_bound(sorted.begin(), sorted.end(), r.end, [](std::uintptr_t end, const Range& w) { return end <= w.begin; });
+            if (it != sorted.begin() && std::prev(it)->end > r.begin) overlap(*std::prev(it), r);
+        }
+    }
+
+private:
+    struct Range {
+        std::uintptr_t begin, end;
+        std::size_t tensor;
+        Slot slot;
+        bool operator==(const Range& o) const { return begin == o.begin && end == o.end; }
+    };
+
+    const std::vector<Range>& sorted_written() const {
+        static thread_local std::vector<Range> last_key, last_sorted;  // no overlap among last_key
+        if (written_ == last_key) return last_sorted;
+        std::vector<Range> sorted = written_;
+        std::sort(sorted.begin(), sorted.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+        for (std::size_t i = 1; i < sorted.size(); ++i)
+            if (sorted[i].begin < sorted[i - 1].end) overlap(sorted[i - 1], sorted[i]);
+        last_key = written_;
+        last_sorted = std::move(sorted);
+        return last_sorted;
+    }
+
+    [[noreturn]] void overlap(const Range& a, const Range& b) const {
+        const std::string second = ArgName{fn_, b.slot, b.tensor, multi_}.str();
+        throw_value(ArgName{fn_, a.slot, a.tensor, multi_}.str() + " and " + second.substr(std::strlen(fn_) + 2) +
+                    " share memory; every written buffer (param, exp_avg, exp_avg_sq, max_exp_avg_sq, "
+                    "momentum_buffer) must be its own array, and no gradient may overlap one");
+    }
+
+    const char* fn_;
+    bool multi_;
+    std::vector<Range> written_, read_;
+};
 
 // ----- scalars ---------------------------------------------------------------------
 
@@ -256,17 +286,14 @@ std::size_t check_list(py::handle seq, const char* fn, const char* name, std::si
 // Validates tensor i's arrays, `handles` in `slots` order (param first: the reference
 // for dtype and shape; then grad; then written state), and records their memory.
 void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
-                     std::vector<Range>& ranges, Buffer* out) {
+                     Footprint& footprint, Buffer* out) {
     const ArgName param_name{fn, slots[0], i, multi};
     for (int k = 0; k < n; ++k) {
         const ArgName arg{fn, slots[k], i, multi};
         out[k] = check_array(handles[k], arg, slots[k] != kGrad);
         if (k > 0) check_same_shape(out[k], out[0], arg, param_name);
     }
-    for (int k = 0; k < n; ++k) {
-        const auto begin = reinterpret_cast<std::uintptr_t>(out[k].data);
-        ranges.push_back(Range{begin, begin + static_cast<std::uintptr_t>(out[k].nbytes), ArgName{fn, slots[k], i, multi}, slots[k] != kGrad});
-    }
+    for (int k = 0; k < n; ++k) footprint.add(out[k], slots[k], i);
 }
 
 // An optional state buffer (max_exp_avg_sq, momentum_buffer): required exactly when
@@ -280,19 +307,23 @@ bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* w
 
 // ----- Adam ------------------------------------------------------------------------
 
+// The validated tensors of one step, written only by run().
 struct AdamBatch {
+    const char* fn;
+    bool multi;
+    Footprint footprint;
     std::vector<AdamTensor<float>> f32;
     std::vector<AdamTensor<double>> f64;
-    std::vector<Range> ranges;
+
+    AdamBatch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, 4 * n) { f32.reserve(n); }
 
     // Returns false for a tensor to skip (grad is None, where allowed).
-    bool add(const char* fn, std::size_t i, bool multi, const py::handle arrays[5], std::int64_t step, const AdamHyperparams* h,
-             bool allow_none_grad) {
+    bool add(std::size_t i, const py::handle arrays[5], std::int64_t step, const AdamHyperparams* h, bool allow_none_grad) {
         if (allow_none_grad && arrays[1].is_none()) return false;
         static const Slot slots[5] = {kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq};
         const bool ams = check_optional(arrays[4], h->amsgrad, ArgName{fn, kMaxExpAvgSq, i, multi}, "amsgrad=True");
         Buffer b[5];
-        validate_tensor(fn, i, multi, arrays, slots, ams ? 5 : 4, ranges, b);
+        validate_tensor(fn, i, multi, arrays, slots, ams ? 5 : 4, footprint, b);
         if (b[0].dtype == DType::f32) f32.push_back(make<float>(b, step, h));
         else f64.push_back(make<double>(b, step, h));
         return true;
@@ -310,9 +341,9 @@ struct AdamBatch {
         t.hyper = h;
         return t;
     }
-    // Everything is validated: check overlaps, then write.
+    // Every array is validated: check overlaps, then write.
     void run() {
-        check_no_overlap(ranges);
+        footprint.check();
         py::gil_scoped_release release;
         if (!f32.empty()) fastadam::adam_step(f32.data(), f32.size());
         if (!f64.empty()) fastadam::adam_step(f64.data(), f64.size());
@@ -322,17 +353,20 @@ struct AdamBatch {
 // ----- SGD -------------------------------------------------------------------------
 
 struct SgdBatch {
+    const char* fn;
+    bool multi;
+    Footprint footprint;
     std::vector<SgdTensor<float>> f32;
     std::vector<SgdTensor<double>> f64;
-    std::vector<Range> ranges;
 
-    bool add(const char* fn, std::size_t i, bool multi, const py::handle arrays[3], bool first_step, const SgdHyperparams* h,
-             bool allow_none_grad) {
+    SgdBatch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, 2 * n) { f32.reserve(n); }
+
+    bool add(std::size_t i, const py::handle arrays[3], bool first_step, const SgdHyperparams* h, bool allow_none_grad) {
         if (allow_none_grad && arrays[1].is_none()) return false;
         static const Slot slots[3] = {kParam, kGrad, kMomentumBuffer};
         const bool mom = check_optional(arrays[2], h->momentum != 0.0, ArgName{fn, kMomentumBuffer, i, multi}, "momentum != 0");
         Buffer b[3];
-        validate_tensor(fn, i, multi, arrays, slots, mom ? 3 : 2, ranges, b);
+        validate_tensor(fn, i, multi, arrays, slots, mom ? 3 : 2, footprint, b);
         if (b[0].dtype == DType::f32) f32.push_back(make<float>(b, first_step, h));
         else f64.push_back(make<double>(b, first_step, h));
         return true;
@@ -349,7 +383,7 @@ struct SgdBatch {
         return t;
     }
     void run() {
-        check_no_overlap(ranges);
+        footprint.check();
         py::gil_scoped_release release;
         if (!f32.empty()) fastadam::sgd_step(f32.data(), f32.size());
         if (!f64.empty()) fastadam::sgd_step(f64.data(), f64.size());
@@ -425,9 +459,8 @@ PyObject* adam_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject
         const AdamHyperparams h = adam_hyper(fn, hyper);
         const std::int64_t step = check_step(a[4], ArgName{fn, kStep, 0, false});
         const py::handle arrays[5] = {a[0], a[1], a[2], a[3], none_if_null(a[11])};
-        AdamBatch batch;
-        batch.ranges.reserve(5);
-        batch.add(fn, 0, false, arrays, step, &h, false);
+        AdamBatch batch(fn, false, 1);
+        batch.add(0, arrays, step, &h, false);
         batch.run();
     });
 }
@@ -457,13 +490,12 @@ PyObject* adam_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs, Py
         const bool per_tensor = PyList_Check(steps.ptr()) || PyTuple_Check(steps.ptr());
         if (per_tensor) check_list(steps, fn, "steps", n, true, "ints");
         const std::int64_t common_step = per_tensor ? 0 : check_step(steps, ArgName{fn, kSteps, 0, false});
-        AdamBatch batch;
-        batch.ranges.reserve(5 * n);
+        AdamBatch batch(fn, true, n);
         for (std::size_t i = 0; i < n; ++i) {
             const py::handle arrays[5] = {item(a[0], i), item(a[1], i), item(a[2], i), item(a[3], i),
                                           maxes.is_none() ? maxes : item(maxes, i)};
             const std::int64_t step = per_tensor ? check_step(item(steps, i), ArgName{fn, kStep, i, true}) : common_step;
-            batch.add(fn, i, true, arrays, step, &h, false);
+            batch.add(i, arrays, step, &h, false);
         }
         batch.run();
     });
@@ -482,9 +514,8 @@ PyObject* sgd_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject*
         const SgdHyperparams h = sgd_hyper(fn, hyper);
         const std::int64_t step = check_step(a[3], ArgName{fn, kStep, 0, false});
         const py::handle arrays[3] = {a[0], a[1], none_if_null(a[2])};
-        SgdBatch batch;
-        batch.ranges.reserve(3);
-        batch.add(fn, 0, false, arrays, step == 1, &h, false);
+        SgdBatch batch(fn, false, 1);
+        batch.add(0, arrays, step == 1, &h, false);
         batch.run();
     });
 }
@@ -539,13 +570,12 @@ void adam_step_groups(const std::string& fn_name, py::handle params, py::handle 
     std::int64_t* step_counts = check_steps_array(steps, fn, n);
     const auto hypers = group_hypers<AdamHyperparams>(hypers_in, kAdamKeys, fn_name, adam_hyper);
     const auto group_of = group_of_tensors(group_sizes, hypers.size(), n, fn);
-    AdamBatch batch;
-    batch.ranges.reserve(5 * n);
+    AdamBatch batch(fn, true, n);
     std::vector<std::size_t> updated;
     updated.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
         const py::handle arrays[5] = {item(params, i), item(grads, i), item(exp_avgs, i), item(exp_avg_sqs, i), item(max_exp_avg_sqs, i)};
-        if (batch.add(fn, i, true, arrays, step_counts[i] + 1, &hypers[group_of[i]], true)) updated.push_back(i);
+        if (batch.add(i, arrays, step_counts[i] + 1, &hypers[group_of[i]], true)) updated.push_back(i);
     }
     batch.run();
     for (std::size_t i : updated) ++step_counts[i];
@@ -560,12 +590,11 @@ void sgd_step_groups(const std::string& fn_name, py::handle params, py::handle g
     std::int64_t* step_counts = check_steps_array(steps, fn, n);
     const auto hypers = group_hypers<SgdHyperparams>(hypers_in, kSgdKeys, fn_name, sgd_hyper);
     const auto group_of = group_of_tensors(group_sizes, hypers.size(), n, fn);
-    SgdBatch batch;
-    batch.ranges.reserve(3 * n);
+    SgdBatch batch(fn, true, n);
     std::vector<std::size_t> updated;
     for (std::size_t i = 0; i < n; ++i) {
         const py::handle arrays[3] = {item(params, i), item(grads, i), item(momentum_buffers, i)};
-        if (batch.add(fn, i, true, arrays, step_counts[i] == 0, &hypers[group_of[i]], true)) updated.push_back(i);
+        if (batch.add(i, arrays, step_counts[i] == 0, &hypers[group_of[i]], true)) updated.push_back(i);
     }
     batch.run();
     for (std::size_t i : updated) ++step_counts[i];
@@ -575,15 +604,14 @@ void sgd_step_groups(const std::string& fn_name, py::handle params, py::handle g
 void check_params(py::handle params, const std::string& fn_name) {
     const char* fn = fn_name.c_str();
     const std::size_t n = check_list(params, fn, "params", 0, false);
-    std::vector<Range> ranges;
-    ranges.reserve(n);
+    Footprint footprint(fn, true, n);
     for (std::size_t i = 0; i < n; ++i) {
         const Slot slots[1] = {kParam};
         const py::handle handles[1] = {item(params, i)};
         Buffer b;
-        validate_tensor(fn, i, true, handles, slots, 1, ranges, &b);
+        validate_tensor(fn, i, true, handles, slots, 1, footprint, &b);
     }
-    check_no_overlap(ranges);
+    footprint.check();
 }
 
 // Validates one group's hyper-parameters (a tuple in the kernel's key order).
