@@ -37,8 +37,12 @@ int get_num_threads();
 bool has_openmp();
 
 // Below this many elements in a whole step, one thread does the work: a parallel
-// region costs more than it saves.
-constexpr std::int64_t kMinElementsPerThread = 32768;
+// region costs more than it saves. A step uses at most total / kMinElementsPerThread
+// threads. (Measured with bench/threshold.py; override when building for another machine.)
+#ifndef FASTADAM_MIN_ELEMENTS_PER_THREAD
+#define FASTADAM_MIN_ELEMENTS_PER_THREAD 4096
+#endif
+constexpr std::int64_t kMinElementsPerThread = FASTADAM_MIN_ELEMENTS_PER_THREAD;
 
 // Multi-tensor steps: all tensors in one call, one parallel region, the work split
 // by element ranges over the concatenation of all tensors.
