@@ -142,15 +142,14 @@ public:
     }
 
     // Sort + sweep over the written buffers, O(n log n); then a binary search per
-    // gradient. An optimizer passes the same params and state every step, so the
-    // sorted written set of the previous call is reused when the ranges are equal.
-    void check() const {
-        const std::vector<Range>& sorted = sorted_written();
-        for (const Range& r : read_) {
-            auto it = std::upper_bound(sorted.begin(), sorted.end(), r.end, [](std::uintptr_t end, const Range& w) { return end <= w.begin; });
-            if (it != sorted.begin() && std::prev(it)->end > r.begin) overlap(*std::prev(it), r);
-        }
-    }
+    // gradient. Repeated calls with the same written buffers (a loop calling
+    // adam_step_multi on the same state) reuse the previous call's sorted set.
+    void check() const { check_reads(sorted_written(), read_); }
+
+    // For a StepPlan: verify the written buffers once, then check each step's
+    // gradients (the reads of `reads`) against them.
+    void freeze() { frozen_ = sorted_written(); }
+    void check_against_frozen(const Footprint& reads) const { check_reads(frozen_, reads.read_); }
 
 private:
     struct Range {
@@ -159,6 +158,13 @@ private:
         Slot slot;
         bool operator==(const Range& o) const { return begin == o.begin && end == o.end; }
     };
+
+    void check_reads(const std::vector<Range>& sorted, const std::vector<Range>& reads) const {
+        for (const Range& r : reads) {
+            auto it = std::upper_bound(sorted.begin(), sorted.end(), r.end, [](std::uintptr_t end, const Range& w) { return end <= w.begin; });
+            if (it != sorted.begin() && std::prev(it)->end > r.begin) overlap(*std::prev(it), r);
+        }
+    }
 
     const std::vector<Range>& sorted_written() const {
         static thread_local std::vector<Range> last_key, last_sorted;  // no overlap among last_key
@@ -181,7 +187,7 @@ private:
 
     const char* fn_;
     bool multi_;
-    std::vector<Range> written_, read_;
+    std::vector<Range> written_, read_, frozen_;
 };
 
 // ----- scalars ---------------------------------------------------------------------
@@ -557,48 +563,169 @@ std::vector<std::size_t> group_of_tensors(py::handle group_sizes, std::size_t n_
     return group_of;
 }
 
-// Optimizer.step for Adam/AdamW: all groups in one call. A None grad skips its
-// tensor and leaves its step count, as torch skips params whose .grad is None.
-void adam_step_groups(const std::string& fn_name, py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs,
-                      py::handle max_exp_avg_sqs, py::handle steps, py::handle group_sizes, py::handle hypers_in) {
-    const char* fn = fn_name.c_str();
-    const std::size_t n = check_list(params, fn, "params", 0, false);
-    check_list(grads, fn, "grads", n, true);
-    check_list(exp_avgs, fn, "exp_avgs", n, true);
-    check_list(exp_avg_sqs, fn, "exp_avg_sqs", n, true);
-    check_list(max_exp_avg_sqs, fn, "max_exp_avg_sqs", n, true);
-    std::int64_t* step_counts = check_steps_array(steps, fn, n);
-    const auto hypers = group_hypers<AdamHyperparams>(hypers_in, kAdamKeys, fn_name, adam_hyper);
-    const auto group_of = group_of_tensors(group_sizes, hypers.size(), n, fn);
-    AdamBatch batch(fn, true, n);
-    std::vector<std::size_t> updated;
-    updated.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) {
-        const py::handle arrays[5] = {item(params, i), item(grads, i), item(exp_avgs, i), item(exp_avg_sqs, i), item(max_exp_avg_sqs, i)};
-        if (batch.add(i, arrays, step_counts[i] + 1, &hypers[group_of[i]], true)) updated.push_back(i);
+// An optimizer's params and state, validated once and kept between steps (the
+// optimizer rebuilds it whenever its params or state change). A step then checks
+// what the caller can change: the gradients, and that each param is still the
+// writeable buffer it was. Touching five arrays per tensor per step would cost more
+// than the update itself on a model of many small tensors.
+class StepPlan {
+public:
+    // states: one list per state slot (Adam: exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+    // SGD: momentum_buffers), None where a tensor has no such buffer yet.
+    StepPlan(std::string fn, py::list params, py::list states, py::list group_sizes)
+        : fn_(std::move(fn)), params_(params), states_(states), n_groups_(group_sizes.size()),
+          footprint_(fn_.c_str(), true, 4 * params.size()) {
+        const char* fn_c = fn_.c_str();
+        const std::size_t n = check_list(params, fn_c, "params", 0, false);
+        for (std::size_t k = 0; k < states.size(); ++k) check_list(states[k], fn_c, "states", n, true);
+        static const Slot state_slots[3] = {kExpAvg, kExpAvgSq, kMaxExpAvgSq};
+        const bool sgd = states.size() == 1;
+        entries_.resize(n);
+        for (std::size_t i = 0; i < n; ++i) {
+            Entry& e = entries_[i];
+            const ArgName param_name{fn_c, kParam, i, true};
+            const Buffer p = check_array(item(params, i), param_name, true);
+            footprint_.add(p, kParam, i);
+            e.param = p;
+            auto a = py::reinterpret_borrow<py::array>(p.obj);
+            e.shape_begin = shapes_.size();
+            for (py::ssize_t d = 0; d < a.ndim(); ++d) shapes_.push_back(a.shape(d));
+            e.ndim = static_cast<int>(a.ndim());
+            for (std::size_t k = 0; k < states.size(); ++k) {
+                py::handle h = item(states[k], i);
+                if (h.is_none()) continue;
+                const ArgName arg{fn_c, sgd ? kMomentumBuffer : state_slots[k], i, true};
+                const Buffer b = check_array(h, arg, true);
+                check_same_shape(b, p, arg, param_name);
+                footprint_.add(b, arg.slot, i);
+                e.state[k] = b.data;
+            }
+        }
+        footprint_.freeze();  // params and state: no byte shared
+        group_of_ = group_of_tensors(group_sizes, n_groups_, n, fn_c);
     }
-    batch.run();
-    for (std::size_t i : updated) ++step_counts[i];
-}
 
-void sgd_step_groups(const std::string& fn_name, py::handle params, py::handle grads, py::handle momentum_buffers, py::handle steps,
-                     py::handle group_sizes, py::handle hypers_in) {
-    const char* fn = fn_name.c_str();
-    const std::size_t n = check_list(params, fn, "params", 0, false);
-    check_list(grads, fn, "grads", n, true);
-    check_list(momentum_buffers, fn, "momentum_buffers", n, true);
-    std::int64_t* step_counts = check_steps_array(steps, fn, n);
-    const auto hypers = group_hypers<SgdHyperparams>(hypers_in, kSgdKeys, fn_name, sgd_hyper);
-    const auto group_of = group_of_tensors(group_sizes, hypers.size(), n, fn);
-    SgdBatch batch(fn, true, n);
-    std::vector<std::size_t> updated;
-    for (std::size_t i = 0; i < n; ++i) {
-        const py::handle arrays[3] = {item(params, i), item(grads, i), item(momentum_buffers, i)};
-        if (batch.add(i, arrays, step_counts[i] == 0, &hypers[group_of[i]], true)) updated.push_back(i);
+    void adam_step(py::handle grads, py::handle steps, py::handle hypers_in) {
+        const auto hypers = group_hypers<AdamHyperparams>(hypers_in, kAdamKeys, fn_, adam_hyper);
+        std::vector<AdamTensor<float>> f32;
+        std::vector<AdamTensor<double>> f64;
+        f32.reserve(entries_.size());
+        std::int64_t* step_counts = prepare(grads, steps, hypers.size());
+        for (std::size_t i = 0; i < entries_.size(); ++i) {
+            if (!grad_[i]) continue;
+            const Entry& e = entries_[i];
+            const AdamHyperparams* h = &hypers[group_of_[i]];
+            if (!e.state[0] || !e.state[1] || (h->amsgrad && !e.state[2])) throw std::logic_error(fn_ + ": state missing (stale plan)");
+            if (e.param.dtype == DType::f32) f32.push_back(adam_tensor<float>(e, grad_[i], step_counts[i] + 1, h));
+            else f64.push_back(adam_tensor<double>(e, grad_[i], step_counts[i] + 1, h));
+        }
+        {
+            py::gil_scoped_release release;
+            if (!f32.empty()) fastadam::adam_step(f32.data(), f32.size());
+            if (!f64.empty()) fastadam::adam_step(f64.data(), f64.size());
+        }
+        for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
     }
-    batch.run();
-    for (std::size_t i : updated) ++step_counts[i];
-}
+
+    void sgd_step(py::handle grads, py::handle steps, py::handle hypers_in) {
+        const auto hypers = group_hypers<SgdHyperparams>(hypers_in, kSgdKeys, fn_, sgd_hyper);
+        std::vector<SgdTensor<float>> f32;
+        std::vector<SgdTensor<double>> f64;
+        f32.reserve(entries_.size());
+        std::int64_t* step_counts = prepare(grads, steps, hypers.size());
+        for (std::size_t i = 0; i < entries_.size(); ++i) {
+            if (!grad_[i]) continue;
+            const Entry& e = entries_[i];
+            const SgdHyperparams* h = &hypers[group_of_[i]];
+            if (h->momentum != 0.0 && !e.state[0]) throw std::logic_error(fn_ + ": state missing (stale plan)");
+            if (e.param.dtype == DType::f32) f32.push_back(sgd_tensor<float>(e, grad_[i], step_counts[i] == 0, h));
+            else f64.push_back(sgd_tensor<double>(e, grad_[i], step_counts[i] == 0, h));
+        }
+        {
+            py::gil_scoped_release release;
+            if (!f32.empty()) fastadam::sgd_step(f32.data(), f32.size());
+            if (!f64.empty()) fastadam::sgd_step(f64.data(), f64.size());
+        }
+        for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
+    }
+
+private:
+    struct Entry {
+        Buffer param;
+        char* state[3] = {nullptr, nullptr, nullptr};
+        std::size_t shape_begin = 0;
+        int ndim = 0;
+    };
+
+    // Validates the gradients (None: skip) and that every param is unchanged; fills grad_.
+    std::int64_t* prepare(py::handle grads, py::handle steps, std::size_t n_groups) {
+        const char* fn = fn_.c_str();
+        const std::size_t n = entries_.size();
+        check_list(grads, fn, "grads", n, true);
+        if (n_groups != n_groups_) throw std::logic_error(fn_ + ": stale plan");
+        std::int64_t* step_counts = check_steps_array(steps, fn, n);
+        grad_.assign(n, nullptr);
+        Footprint grads_footprint(fn, true, 0);
+        for (std::size_t i = 0; i < n; ++i) {
+            py::handle g = item(grads, i);
+            if (g.is_none()) continue;
+            const Entry& e = entries_[i];
+            const ArgName param_name{fn, kParam, i, true};
+            PyObject* p = e.param.obj;  // kept alive by params_
+            if (py::detail::array_proxy(p)->data != e.param.data)  // resized with refcheck=False
+                throw_value(param_name.str() + " was reallocated since the optimizer was built; its state no longer matches it");
+            if (!(py::detail::array_proxy(p)->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_))
+                throw_value(param_name.str() + " is read-only; fastadam writes it in place: pass a writeable array");
+            const ArgName arg{fn, kGrad, i, true};
+            const Buffer b = check_array(g, arg, false);
+            if (b.dtype != e.param.dtype)
+                throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + param_name.str() + " has dtype " +
+                           dtype_name(e.param.dtype) + "; a parameter, its gradient and its state must share one dtype");
+            auto ga = py::reinterpret_borrow<py::array>(g);
+            bool same = ga.ndim() == e.ndim;
+            for (int d = 0; same && d < e.ndim; ++d) same = ga.shape(d) == shapes_[e.shape_begin + d];
+            if (!same) check_same_shape(b, e.param, arg, param_name);  // raises with both shapes
+            grads_footprint.add(b, kGrad, i);
+            grad_[i] = b.data;
+        }
+        footprint_.check_against_frozen(grads_footprint);
+        return step_counts;
+    }
+
+    template <class T>
+    static AdamTensor<T> adam_tensor(const Entry& e, const char* grad, std::int64_t step, const AdamHyperparams* h) {
+        AdamTensor<T> t;
+        t.param = reinterpret_cast<T*>(e.param.data);
+        t.grad = reinterpret_cast<const T*>(grad);
+        t.exp_avg = reinterpret_cast<T*>(e.state[0]);
+        t.exp_avg_sq = reinterpret_cast<T*>(e.state[1]);
+        t.max_exp_avg_sq = h->amsgrad ? reinterpret_cast<T*>(e.state[2]) : nullptr;
+        t.size = e.param.size;
+        t.step = step;
+        t.hyper = h;
+        return t;
+    }
+    template <class T>
+    static SgdTensor<T> sgd_tensor(const Entry& e, const char* grad, bool first_step, const SgdHyperparams* h) {
+        SgdTensor<T> t;
+        t.param = reinterpret_cast<T*>(e.param.data);
+        t.grad = reinterpret_cast<const T*>(grad);
+        t.momentum_buffer = h->momentum != 0.0 ? reinterpret_cast<T*>(e.state[0]) : nullptr;
+        t.size = e.param.size;
+        t.first_step = first_step;
+        t.hyper = h;
+        return t;
+    }
+
+    std::string fn_;
+    py::list params_, states_;  // keep every buffer alive while the plan points into it
+    std::size_t n_groups_;
+    Footprint footprint_;
+    std::vector<Entry> entries_;
+    std::vector<py::ssize_t> shapes_;
+    std::vector<std::size_t> group_of_;
+    std::vector<const char*> grad_;
+};
 
 // Optimizer construction: every param is a writeable float array and no two share memory.
 void check_params(py::handle params, const std::string& fn_name) {
@@ -694,8 +821,10 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     m.doc() = "fastadam's native kernels: argument checking and dispatch (see fastadam for the documented API).";
     if (PyModule_AddFunctions(m.ptr(), kStepMethods) != 0) throw py::error_already_set();
 
-    m.def("_adam_step_groups", &adam_step_groups);
-    m.def("_sgd_step_groups", &sgd_step_groups);
+    py::class_<StepPlan>(m, "_StepPlan")
+        .def(py::init<std::string, py::list, py::list, py::list>())
+        .def("adam_step", &StepPlan::adam_step)
+        .def("sgd_step", &StepPlan::sgd_step);
     m.def("_check_params", &check_params);
     m.def("_check_adam_group", [](py::handle t, const std::string& where) { check_group(t, kAdamKeys, where, adam_hyper); });
     m.def("_check_sgd_group", [](py::handle t, const std::string& where) { check_group(t, kSgdKeys, where, sgd_hyper); });

@@ -12,13 +12,16 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 import fastadam
 from fastadam import reference
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "adam": {},
     "adam+l2": {"weight_decay": 0.1},
     "adamw": {"weight_decay": 0.1, "decoupled_weight_decay": True},
@@ -38,7 +41,7 @@ def self_check(n: int = 100_003, steps: int = 3) -> list[str]:
                 init = [rng.standard_normal(n).astype(dtype) for _ in range(2)] + [rng.random(n).astype(dtype)] * 2
                 grads = [rng.standard_normal(n).astype(dtype) for _ in range(steps)]
 
-                def run(step_fn, arrays):
+                def run(step_fn: Callable[..., None], arrays: list[npt.NDArray[Any]]) -> None:
                     p, m, v, vmax = arrays
                     for t, g in enumerate(grads, start=1):
                         step_fn(p, g, m, v, step=t, lr=1e-2, max_exp_avg_sq=vmax if kw.get("amsgrad") else None, **kw)
@@ -59,20 +62,20 @@ def self_check(n: int = 100_003, steps: int = 3) -> list[str]:
     return failures
 
 
-def median_times(fns: dict[str, object], repeats: int) -> dict[str, float]:
+def median_times(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved so drift hits all alike."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
-        fn()  # type: ignore[operator]  # warm-up
+        fn()  # warm-up
     for _ in range(repeats):
         for key, fn in fns.items():
             t0 = time.perf_counter()
-            fn()  # type: ignore[operator]
+            fn()
             samples[key].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def quick_timing(sizes=(1_000, 100_000, 1_000_000), repeats: int = 15) -> list[tuple[int, float, float]]:
+def quick_timing(sizes: tuple[int, ...] = (1_000, 100_000, 1_000_000), repeats: int = 15) -> list[tuple[int, float, float]]:
     rows = []
     rng = np.random.default_rng(1)
     for n in sizes:
@@ -80,8 +83,8 @@ def quick_timing(sizes=(1_000, 100_000, 1_000_000), repeats: int = 15) -> list[t
                       np.zeros(n, np.float32), np.zeros(n, np.float32)] for k in ("fastadam", "numpy")}
         inner = max(1, 100_000 // n)  # several calls per sample for tiny sizes: timer resolution
 
-        def call(step_fn, a):
-            def f():
+        def call(step_fn: Callable[..., None], a: list[npt.NDArray[np.float32]]) -> Callable[[], None]:
+            def f() -> None:
                 for _ in range(inner):
                     step_fn(a[0], a[1], a[2], a[3], step=10, lr=1e-3)
             return f
@@ -93,9 +96,15 @@ def quick_timing(sizes=(1_000, 100_000, 1_000_000), repeats: int = 15) -> list[t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastadam", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastadam", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--no-timing", action="store_true", help="skip the quick timing")
+    parser.add_argument("--bench", action="store_true",
+                        help="run the quick benchmark against NumPy and torch.optim.Adam (if installed) instead")
     args = parser.parse_args(argv)
+    if args.bench:
+        from .benchmark import main as bench_main
+
+        return bench_main(["--quick"])
 
     print(f"fastadam {fastadam.__version__}")
     print(f"  SIMD path in use : {fastadam.get_isa()} (available: {', '.join(fastadam.available_isas())}; "

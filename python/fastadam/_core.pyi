@@ -64,23 +64,15 @@ def _set_isa_from_environment() -> None: ...
 def _check_params(params: Sequence[_Array], fn: str) -> None: ...
 def _check_adam_group(hypers: tuple[object, ...], where: str) -> None: ...
 def _check_sgd_group(hypers: tuple[object, ...], where: str) -> None: ...
-def _adam_step_groups(
-    fn: str,
-    params: Sequence[_Array],
-    grads: Sequence[_Array | None],
-    exp_avgs: Sequence[_Array | None],
-    exp_avg_sqs: Sequence[_Array | None],
-    max_exp_avg_sqs: Sequence[_Array | None],
-    steps: npt.NDArray[np.int64],
-    group_sizes: Sequence[int],
-    group_hypers: Sequence[tuple[object, ...]],
-) -> None: ...
-def _sgd_step_groups(
-    fn: str,
-    params: Sequence[_Array],
-    grads: Sequence[_Array | None],
-    momentum_buffers: Sequence[_Array | None],
-    steps: npt.NDArray[np.int64],
-    group_sizes: Sequence[int],
-    group_hypers: Sequence[tuple[object, ...]],
-) -> None: ...
+class _StepPlan:
+    """An optimizer's validated params and state (one list per state slot, None where absent)."""
+
+    def __init__(
+        self, fn: str, params: list[_Array], states: list[list[_Array | None]], group_sizes: list[int]
+    ) -> None: ...
+    def adam_step(
+        self, grads: Sequence[_Array | None], steps: npt.NDArray[np.int64], group_hypers: Sequence[tuple[object, ...]]
+    ) -> None: ...
+    def sgd_step(
+        self, grads: Sequence[_Array | None], steps: npt.NDArray[np.int64], group_hypers: Sequence[tuple[object, ...]]
+    ) -> None: ...

@@ -29,6 +29,7 @@ class Optimizer:
     """
 
     _hyper_keys: ClassVar[tuple[str, ...]] = ()
+    _kernel_step: ClassVar[Any]  # _core._StepPlan.adam_step or .sgd_step
     _state_keys: ClassVar[tuple[str, ...]] = ()
     _counts_steps: ClassVar[bool] = True  # torch keeps state["step"] (Adam) or not (SGD)
 
@@ -44,6 +45,7 @@ class Optimizer:
         # The buffers each group needed when every param last had all of them; while it
         # matches, a step skips the Python loop that creates state.
         self._complete_for: list[tuple[str, ...]] | None = None
+        self._plan: Any = None
 
         if isinstance(params, np.ndarray):
             raise TypeError(
@@ -98,6 +100,7 @@ class Optimizer:
         self._steps = np.concatenate([self._steps, np.zeros(len(arrays), dtype=np.int64)])
         self._group_sizes.append(len(arrays))
         self._complete_for = None
+        self._plan = None
 
     def _check_group(self, group: Mapping[str, Any], where: str) -> None:
         raise NotImplementedError
@@ -147,6 +150,8 @@ class Optimizer:
             for key, i in created:  # a rejected step leaves no trace, not even fresh state
                 self._buffers[key][i] = None
             self._complete_for = None
+            if created:
+                self._plan = None
             raise
 
     def _needed_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
@@ -167,10 +172,16 @@ class Optimizer:
                         created.append((key, i))
             start += size
         self._complete_for = needs if complete else None
+        if created:
+            self._plan = None
         return created
 
     def _native_step(self, grads: Sequence[np.ndarray | None]) -> None:
-        raise NotImplementedError
+        # The plan holds the validated params and state; it is rebuilt whenever they change.
+        if self._plan is None:
+            states = [list(self._buffers[k]) for k in self._state_keys]
+            self._plan = _core._StepPlan(self._step_name, list(self._params), states, list(self._group_sizes))
+        self._kernel_step(self._plan, grads, self._steps, self._hypers())
 
     # ----- state -------------------------------------------------------------------
 
@@ -256,6 +267,7 @@ class Optimizer:
         self._buffers = new_buffers
         self._steps = new_steps
         self._complete_for = None
+        self._plan = None
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -288,6 +300,7 @@ class Adam(Optimizer):
 
     _hyper_keys = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
     _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _kernel_step = staticmethod(_core._StepPlan.adam_step)
 
     def __init__(
         self,
@@ -317,23 +330,6 @@ class Adam(Optimizer):
 
     def _needed_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return self._state_keys if group["amsgrad"] else self._state_keys[:2]
-
-    def _native_step(self, grads: Sequence[np.ndarray | None]) -> None:
-        b = self._buffers
-        max_exp_avg_sqs = b["max_exp_avg_sq"]
-        if not any(group["amsgrad"] for group in self.param_groups):
-            max_exp_avg_sqs = [None] * len(self._params)
-        elif not all(group["amsgrad"] for group in self.param_groups):
-            max_exp_avg_sqs = list(max_exp_avg_sqs)
-            start = 0
-            for group, size in zip(self.param_groups, self._group_sizes):
-                if not group["amsgrad"]:
-                    max_exp_avg_sqs[start : start + size] = [None] * size
-                start += size
-        _core._adam_step_groups(
-            self._step_name,
-            self._params, grads, b["exp_avg"], b["exp_avg_sq"], max_exp_avg_sqs, self._steps, self._group_sizes, self._hypers()
-        )
 
 
 class AdamW(Adam):
@@ -365,6 +361,7 @@ class SGD(Optimizer):
     _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     _state_keys = ("momentum_buffer",)
     _counts_steps = False
+    _kernel_step = staticmethod(_core._StepPlan.sgd_step)
 
     def __init__(
         self,
@@ -391,14 +388,3 @@ class SGD(Optimizer):
         for _, i in created:
             self._steps[i] = 0  # the kernel sets a new buffer to the gradient (torch: clone) on step 0
         return created
-
-    def _native_step(self, grads: Sequence[np.ndarray | None]) -> None:
-        buffers = self._buffers["momentum_buffer"]
-        if not all(group["momentum"] != 0 for group in self.param_groups):
-            buffers = list(buffers)
-            start = 0
-            for group, size in zip(self.param_groups, self._group_sizes):
-                if group["momentum"] == 0:
-                    buffers[start : start + size] = [None] * size
-                start += size
-        _core._sgd_step_groups(self._step_name, self._params, grads, buffers, self._steps, self._group_sizes, self._hypers())

@@ -1,0 +1,137 @@
+"""Smoke test of fastadam.benchmark (bench/bench.py): tiny cases, result structure only, no timing assertions.
+
+The C++ Google Benchmark binary (bench/cpp) is smoke-run by .ci/run, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from fastadam import benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return benchmark
+
+
+def test_gpt2_small_shapes(bench):
+    shapes = bench.gpt2_small_shapes()
+    assert len(shapes) == 148
+    assert sum(math.prod(s) for s in shapes) == 124_439_808
+    case = bench.gpt2_small_case()
+    assert case.tensors == 148 and case.elements == 124_439_808 and case.kind == "multi"
+
+
+def test_default_cases(bench):
+    full = bench.default_cases()
+    assert [c.elements for c in full if c.kind == "single"] == list(bench.SINGLE_SIZES)
+    assert {c.name for c in full if c.kind == "multi"} == {"GPT-2 small", "1000 x 1k"}
+    quick = bench.default_cases(quick=True)
+    assert max(c.elements for c in quick) <= 1_000_000  # no 5e7, no GPT-2 in quick mode
+    assert [c.elements for c in bench.default_cases(sizes=[7], groups=["single"])] == [7]
+    with pytest.raises(ValueError):
+        bench.default_cases(groups=["nope"])
+
+
+def _check_results(bench, results, cases, contenders, threads):
+    assert len(results) == len(cases)
+    for r, case in zip(results, cases):
+        assert r["case"] == case.name and r["kind"] == case.kind
+        assert r["tensors"] == case.tensors and r["elements"] == case.elements
+        assert r["bytes_per_step"] == bench.BYTES_PER_ELEMENT * case.elements
+        assert r["threads"] == threads
+        assert list(r["contenders"]) == list(contenders)
+        for name, c in r["contenders"].items():
+            assert math.isfinite(c["median_s"]) and c["median_s"] > 0, name
+            assert 0 < c["min_s"] <= c["median_s"], name
+            assert len(c["samples_s"]) == 2 and all(s > 0 and math.isfinite(s) for s in c["samples_s"]), name
+            assert c["steps_per_sample"] >= 1
+            assert c["gbs"] == pytest.approx(r["bytes_per_step"] / c["median_s"] / 1e9)
+        fa = r["contenders"]["fastadam"]["median_s"]
+        assert r["fastadam_gbs"] == r["contenders"]["fastadam"]["gbs"]
+        assert set(r["ratios"]) == set(contenders) - {"fastadam"}
+        for peer, ratio in r["ratios"].items():
+            assert ratio == pytest.approx(r["contenders"][peer]["median_s"] / fa)
+            assert math.isfinite(r["paired_ratios"][peer]) and r["paired_ratios"][peer] > 0
+
+
+def test_run_quick_structure(bench):
+    cases = [bench.single_case(1000), bench.many_case(count=20, size=100)]
+    contenders = bench.available_contenders() + ["fastadam_optim"]
+    results = bench.run(cases, threads=1, repeats=2, contenders=contenders, warmup=1, min_sample_time=0.002)
+    _check_results(bench, results, cases, contenders, threads=1)
+    table = bench.format_table(results, bound_gbs=40.0)
+    for case in cases:
+        assert case.name in table
+    assert "fastadam GB/s" in table and "% of bound" in table
+    json.dumps(results)  # plain data, ready for --json
+
+
+def test_run_without_torch_contenders(bench):
+    cases = [bench.single_case(64)]
+    results = bench.run(cases, threads=2, repeats=2, contenders=["fastadam", "numpy"], warmup=0, min_sample_time=0.001)
+    _check_results(bench, results, cases, ["fastadam", "numpy"], threads=2)
+    with pytest.raises(ValueError):
+        bench.run(cases, contenders=["fastadam", "nope"])
+
+
+def test_main_quick_writes_json(bench, tmp_path, capsys):
+    stream = tmp_path / "gbench.json"
+    stream.write_text(json.dumps({"benchmarks": [
+        {"name": "stream/avx512/threads:1/n:1000/real_time", "run_type": "iteration", "bytes_per_second": 9e10},
+        {"name": "stream/avx512/threads:1/n:50000000/real_time", "run_type": "iteration", "bytes_per_second": 4.0e10},
+        {"name": "stream/avx2/threads:1/n:50000000/real_time", "run_type": "iteration", "bytes_per_second": 4.2e10},
+        {"name": "stream/avx2/threads:2/n:50000000/real_time", "run_type": "iteration", "bytes_per_second": 9.9e10},
+    ]}))  # fmt: skip
+    bound = bench.read_stream_bound(str(stream), threads=1)
+    assert bound["gbs"] == pytest.approx(42.0) and bound["elements"] == 50_000_000
+
+    out = tmp_path / "result.json"
+    argv = ["--quick", "--threads", "1", "--repeats", "2", "--sizes", "1e3", "--cases", "single", "--contenders", "fastadam,numpy",
+            "--min-sample-time", "0.001", "--stream-json", str(stream), "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "1 x 1k" in printed and "% of bound" in printed
+    doc = json.loads(out.read_text())
+    assert doc["bound"]["gbs"] == pytest.approx(42.0)
+    for key in ("cpu_model", "logical_cpus", "numpy", "torch", "fastadam", "fastadam_isa", "threads", "date"):
+        assert key in doc["machine"]
+    assert doc["machine"]["threads"] == 1
+    _check_results(bench, doc["results"], [bench.single_case(1000)], ["fastadam", "numpy"], threads=1)
+
+
+def test_plot(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    cases = [bench.single_case(100), bench.single_case(1000), bench.many_case(count=5, size=100)]
+    results = bench.run(cases, threads=1, repeats=2, contenders=["fastadam", "numpy"], warmup=0, min_sample_time=0.001)
+    path = tmp_path / "plot.png"
+    bench.plot(results, str(path), bound_gbs=40.0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interleaved_stream_bound(bench, tmp_path):
+    """--stream-bin plumbing, with a stand-in for bench/cpp's fastadam_bench (no C++ build needed)."""
+    fake = tmp_path / "fake_bench"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "args = dict(a.split('=', 1) for a in sys.argv[1:])\n"
+        "n, t = int(args['--sizes']), int(args['--threads'])\n"
+        "assert args['--benchmark_format'] == 'json' and args['--benchmark_filter'].startswith('^stream/')\n"
+        "print(json.dumps({'benchmarks': [{'name': f'stream/x/threads:{t}/n:{n}/real_time', 'bytes_per_second': 5e10}]}))\n"
+    )
+    fake.chmod(0o755)
+    cases = [bench.single_case(2000), bench.single_case(100)]
+    results = bench.run(cases, threads=1, repeats=2, contenders=["fastadam", "numpy"], warmup=0, min_sample_time=0.001,
+                        stream_bin=str(fake), stream_min_elements=1000)  # fmt: skip
+    bound = results[0]["bound"]
+    assert bound["samples_gbs"] == [50.0, 50.0] and bound["median_gbs"] == 50.0 and bound["elements"] == 2000
+    assert bound["fastadam_fraction"] > 0
+    assert "bound" not in results[1]  # below stream_min_elements
+    table = bench.format_table(results)
+    assert "bound GB/s" in table and "50.0" in table
