@@ -5,7 +5,8 @@ time) that gives the same bits on every path, every thread count, and as the
 readable NumPy reference in :mod:`fastadam.reference`.
 
 Functional API (in place): :func:`adam_step`, :func:`adam_step_multi`, :func:`sgd_step`.
-Optimizers (torch.optim's interface): :class:`Adam`, :class:`AdamW`, :class:`SGD`.
+Optimizers (torch.optim's interface): :class:`Adam`, :class:`AdamW`, :class:`SGD`; for
+torch tensors, ``fastadam.torch.Adam`` / ``AdamW`` / ``SGD`` (imported on request only).
 Control: :func:`set_isa` / :func:`get_isa` / :func:`available_isas` (or the
 environment variable ``FASTADAM_ISA``), :func:`set_num_threads` / :func:`get_num_threads`.
 """

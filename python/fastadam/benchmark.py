@@ -546,6 +546,7 @@ def _mem_total_gib() -> float | None:
 def machine_info(threads: int) -> dict[str, Any]:
     """What ran: CPU, cores, memory, library versions, fastadam's ISA, threads, date."""
     torch = _torch()
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -46,16 +46,20 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 import fastadam
 from fastadam import reference
 
-from .models import MODELS, build_model, softmax_cross_entropy
+from .models import MODELS, Array, Sequential, build_model, softmax_cross_entropy
+
+Data = tuple[Array, Array, Array, Array]  # X_train, y_train, X_test, y_test
 
 # name -> (fastadam class, its keyword arguments other than lr)
-OPTIMIZERS = {
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "adam": ("Adam", {}),
     "adamw": ("AdamW", {"weight_decay": 1e-2}),
     "amsgrad": ("Adam", {"amsgrad": True}),
@@ -63,16 +67,16 @@ OPTIMIZERS = {
     "momentum": ("SGD", {"momentum": 0.9}),
     "nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
 }
-DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "amsgrad": 1e-3, "sgd": 0.1, "momentum": 0.01, "nesterov": 0.01}
+DEFAULT_LR: dict[str, float] = {"adam": 1e-3, "adamw": 1e-3, "amsgrad": 1e-3, "sgd": 0.1, "momentum": 0.01, "nesterov": 0.01}
 
 
 @dataclasses.dataclass
 class Config:
-    models: tuple = tuple(MODELS)
-    optimizers: tuple = tuple(OPTIMIZERS)
+    models: tuple[str, ...] = tuple(MODELS)
+    optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
     epochs: int = 20
     batch_size: int = 32
-    lr: dict = dataclasses.field(default_factory=dict)  # overrides of DEFAULT_LR
+    lr: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of DEFAULT_LR
     seed: int = 0
     target_loss: float = 0.1
     mnist: str | None = None  # directory of MNIST IDX files; None: sklearn digits
@@ -80,9 +84,10 @@ class Config:
     progress: bool = True
     reference_steps: int = 200  # steps per timing loop of native vs NumPy Adam; 0 skips it
 
-    def validate(self):
-        for kind, names, known in (("model", self.models, MODELS), ("optimizer", self.optimizers, OPTIMIZERS),
-                                   ("optimizer", self.lr, OPTIMIZERS)):
+    def validate(self) -> None:
+        checks: tuple[tuple[str, Iterable[str], Mapping[str, object]], ...] = (
+            ("model", self.models, MODELS), ("optimizer", self.optimizers, OPTIMIZERS), ("optimizer", self.lr, OPTIMIZERS))
+        for kind, names, known in checks:
             for name in names:
                 if name not in known:
                     raise ValueError(f"unknown {kind} {name!r}; choose from {', '.join(known)}")
@@ -93,17 +98,17 @@ class Config:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be a positive integer, got {self.limit!r}")
-        for name, value in self.lr.items():
-            if not value > 0 or not np.isfinite(value):
-                raise ValueError(f"learning rate for {name} must be a positive number, got {value!r}")
+        for name, rate in self.lr.items():
+            if not rate > 0 or not np.isfinite(rate):
+                raise ValueError(f"learning rate for {name} must be a positive number, got {rate!r}")
         if self.reference_steps < 0:
             raise ValueError(f"reference_steps must be >= 0, got {self.reference_steps}")
 
-    def learning_rate(self, optimizer):
+    def learning_rate(self, optimizer: str) -> float:
         return self.lr.get(optimizer, DEFAULT_LR[optimizer])
 
 
-def load_data(config):
+def load_data(config: Config) -> Data:
     """(X_train, y_train, X_test, y_test): float32 images (N, 1, H, W) in [0, 1], int labels."""
     if config.mnist:
         from .idx import load_mnist
@@ -111,8 +116,8 @@ def load_data(config):
         Xtr, ytr, Xte, yte = load_mnist(config.mnist)
         scale = 255.0
     else:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        from sklearn.model_selection import train_test_split  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
         digits = load_digits()
         Xtr, Xte, ytr, yte = train_test_split(digits.images, digits.target, test_size=0.25,
@@ -121,18 +126,19 @@ def load_data(config):
     if config.limit is not None:
         Xtr, ytr = Xtr[:config.limit], ytr[:config.limit]
 
-    def images(X):
+    def images(X: Any) -> Array:
         return np.ascontiguousarray((np.asarray(X, np.float32) / np.float32(scale))[:, None])
 
     return images(Xtr), np.asarray(ytr, np.intp), images(Xte), np.asarray(yte, np.intp)
 
 
-def make_optimizer(name, params, lr):
+def make_optimizer(name: str, params: Any, lr: float) -> fastadam.Optimizer:
     cls, kwargs = OPTIMIZERS[name]
-    return getattr(fastadam, cls)(params, lr=lr, **kwargs)
+    optimizer: fastadam.Optimizer = getattr(fastadam, cls)(params, lr=lr, **kwargs)
+    return optimizer
 
 
-def evaluate(model, X, y, chunk=1000):
+def evaluate(model: Sequential, X: Array, y: Array, chunk: int = 1000) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) over X, in chunks to bound memory on MNIST."""
     loss_sum, correct = 0.0, 0
     for i in range(0, len(X), chunk):
@@ -143,7 +149,8 @@ def evaluate(model, X, y, chunk=1000):
     return loss_sum / len(X), correct / len(X)
 
 
-def time_adam_step(name, params, grads, lr, steps):
+def time_adam_step(name: str, params: dict[str, Array], grads: dict[str, Array], lr: float,
+                   steps: int) -> tuple[float, float, float]:
     """Seconds per step of optimizer ``name`` on copies of ``params``, native vs NumPy reference.
 
     Both loops start from the same state and apply the same gradients, so the third value, the
@@ -151,32 +158,33 @@ def time_adam_step(name, params, grads, lr, steps):
     """
     cls, kwargs = OPTIMIZERS[name]
     ref_kwargs = dict(kwargs, decoupled_weight_decay=(cls == "AdamW"))
-    grads = list(grads.values())
+    grad_list = list(grads.values())
     native = [p.copy() for p in params.values()]
     opt = make_optimizer(name, native, lr)
     t0 = time.perf_counter()
     for _ in range(steps):
-        opt.step(grads)
+        opt.step(grad_list)
     t_native = (time.perf_counter() - t0) / steps
 
     ref = [p.copy() for p in params.values()]
     state = [(np.zeros_like(p), np.zeros_like(p), np.zeros_like(p) if kwargs.get("amsgrad") else None) for p in ref]
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        for p, g, (m, v, vmax) in zip(ref, grads, state):
+        for p, g, (m, v, vmax) in zip(ref, grad_list, state):
             reference.adam_step(p, g, m, v, step=step, lr=lr, max_exp_avg_sq=vmax, **ref_kwargs)
     t_ref = (time.perf_counter() - t0) / steps
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(native, ref))
     return t_native, t_ref, diff
 
 
-def train_one(model_name, opt_name, data, orders, config, bar=None):
+def train_one(model_name: str, opt_name: str, data: Data, orders: list[Array], config: Config,
+              bar: Any = None) -> dict[str, Any]:
     Xtr, ytr, Xte, yte = data
     model = build_model(model_name, Xtr.shape[2:], config.seed)
     lr = config.learning_rate(opt_name)
     opt = make_optimizer(opt_name, model.params, lr)
     curve = [evaluate(model, Xtr, ytr)[0]]
-    batch_losses = []
+    batch_losses: list[float] = []
     train_s = step_s = 0.0
     for order in orders:
         t_epoch = time.perf_counter()
@@ -195,7 +203,7 @@ def train_one(model_name, opt_name, data, orders, config, bar=None):
             break  # diverged (learning rate too large); the rest would be NaN as well
     curve += [float("nan")] * (len(orders) + 1 - len(curve))
     reached = [epoch for epoch, loss in enumerate(curve) if loss <= config.target_loss]
-    result = {
+    result: dict[str, Any] = {
         "model": model_name, "optimizer": opt_name, "lr": lr, "n_params": sum(p.size for p in model.params.values()),
         "train_loss": curve[-1], "test_acc": evaluate(model, Xte, yte)[1],
         "epochs_to_target": reached[0] if reached else None,
@@ -209,7 +217,7 @@ def train_one(model_name, opt_name, data, orders, config, bar=None):
     return result
 
 
-def run(config=None):
+def run(config: Config | None = None) -> list[dict[str, Any]]:
     """Train every selected model with every selected optimizer; a list of result dicts.
 
     Each dict has the table's numbers plus ``curve`` (train loss at the end of each epoch,
@@ -226,10 +234,10 @@ def run(config=None):
     steps = len(runs) * config.epochs * -(-n_train // config.batch_size)
     bar = None
     if config.progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
         bar = tqdm(total=steps, unit="step", file=sys.stderr)
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         # A learning rate too large overflows to inf and NaN; the table shows that as nan, so
         # NumPy's warnings would only repeat the news on every step.
@@ -244,8 +252,8 @@ def run(config=None):
     return results
 
 
-def format_table(results, target_loss):
-    def num(value, fmt):
+def format_table(results: list[dict[str, Any]], target_loss: float) -> str:
+    def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     header = ("model", "optimizer", "lr", "train loss", "test acc", f"ep<={target_loss:g}", "train s", "in step",
@@ -260,7 +268,7 @@ def format_table(results, target_loss):
     return "\n".join(lines)
 
 
-def plot_curves(results, path, target_loss=None):
+def plot_curves(results: list[dict[str, Any]], path: str, target_loss: float | None = None) -> None:
     """PNG at ``path``: train loss per epoch, one panel per model, one line per optimizer."""
     # The object-oriented API renders with Agg without switching pyplot's global backend.
     from matplotlib.figure import Figure
@@ -286,7 +294,7 @@ def plot_curves(results, path, target_loss=None):
     fig.savefig(path, dpi=120)
 
 
-def parse_lr(items):
+def parse_lr(items: Iterable[str]) -> dict[str, float]:
     """{"adam": 0.001, ...} from ["adam=1e-3", ...]; ValueError on anything else."""
     lrs = {}
     for item in items:
@@ -301,11 +309,11 @@ def parse_lr(items):
     return lrs
 
 
-def _names(text):
+def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastadam.examples.digits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config()
@@ -332,7 +340,7 @@ def build_parser():
     return p
 
 
-def _strict_json(value):
+def _strict_json(value: Any) -> Any:
     # A diverged run has NaN losses, which plain JSON cannot hold; write them as null.
     if isinstance(value, float) and not np.isfinite(value):
         return None
@@ -343,7 +351,7 @@ def _strict_json(value):
     return value
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -6,10 +6,14 @@ uint32 sizes, then the data in C order, big-endian.
 
 import gzip
 import os
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["parse_idx", "read_idx", "load_mnist", "MNIST_FILES"]
+
+Array = npt.NDArray[Any]
 
 _TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -21,7 +25,7 @@ MNIST_FILES = {
 }
 
 
-def parse_idx(data, name="<bytes>"):
+def parse_idx(data: bytes, name: str = "<bytes>") -> Array:
     """Array held in the IDX bytes ``data``; ValueError naming ``name`` if they are malformed."""
     if len(data) < 4:
         raise ValueError(f"{name}: not an IDX file: {len(data)} bytes, shorter than the 4-byte magic")
@@ -40,7 +44,7 @@ def parse_idx(data, name="<bytes>"):
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def read_idx(path):
+def read_idx(path: str | os.PathLike[str]) -> Array:
     """Array stored in the IDX file at ``path``; gzip-compressed files are recognised by content."""
     with open(path, "rb") as f:
         data = f.read()
@@ -52,7 +56,7 @@ def read_idx(path):
     return parse_idx(data, str(path))
 
 
-def _find(directory, base):
+def _find(directory: str | os.PathLike[str], base: str) -> str:
     # Some mirrors spell the files with a dot (train-images.idx3-ubyte); accept both, plain or .gz.
     dotted = base.replace("-idx", ".idx")
     for name in (base, base + ".gz", dotted, dotted + ".gz"):
@@ -62,7 +66,7 @@ def _find(directory, base):
     raise ValueError(f"{directory}: no {base} or {base}.gz found")
 
 
-def load_mnist(directory):
+def load_mnist(directory: str | os.PathLike[str]) -> tuple[Array, Array, Array, Array]:
     """(train_images, train_labels, test_images, test_labels) from the four MNIST IDX files.
 
     Images come back as uint8 (N, H, W), labels as uint8 (N,), checked to agree in count.
@@ -80,4 +84,4 @@ def load_mnist(directory):
                              f"found {labels.min()}..{labels.max()}")
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise ValueError(f"{directory}: train and test images differ in size")
-    return tuple(arrays[key] for key in MNIST_FILES)
+    return arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"]
