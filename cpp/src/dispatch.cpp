@@ -8,6 +8,7 @@
 
 #include "fastadam/fastadam.hpp"
 #include "isa_table.hpp"
+#include "work_pool.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -118,11 +119,12 @@ Isa active_isa() {
     return static_cast<Isa>(isa);
 }
 
+// The thread count follows OpenMP's settings unless set_num_threads() chose one.
 int max_threads(int requested) {
+    if (requested > 0) return requested;
 #if defined(_OPENMP)
-    return requested > 0 ? requested : omp_get_max_threads();
+    return omp_get_max_threads();
 #else
-    (void)requested;
     return 1;
 #endif
 }
@@ -133,8 +135,9 @@ template <class T>
 std::int64_t first_element_index(const SgdTensor<T>& t) { return static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(t.param) / sizeof(T)); }
 
 // Calls fn(tensor_index, begin, end) on consecutive element ranges of the
-// concatenation of all tensors, one contiguous share per thread. Shares start on
-// a 64-byte boundary of the param buffer so two threads never write one cache line.
+// concatenation of all tensors, split into chunks that the caller and the pool's
+// workers claim (work_pool.hpp). Chunks start on a 64-byte boundary of the param
+// buffer so two threads never write one cache line.
 template <class Tensor, class Fn>
 void for_each_share(const Tensor* tensors, std::size_t count, int num_threads, Fn&& fn) {
     using T = typename std::remove_pointer<decltype(tensors->param)>::type;
@@ -150,8 +153,8 @@ void for_each_share(const Tensor* tensors, std::size_t count, int num_threads, F
     std::vector<std::int64_t> offsets(count + 1, 0);
     for (std::size_t k = 0; k < count; ++k) offsets[k + 1] = offsets[k] + tensors[k].size;
     constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
-    // Global index where share `part` of `parts` starts; monotone in `part` because
-    // each share is far longer than a cache line.
+    // Global index where chunk `part` of `parts` starts; monotone in `part` because
+    // each chunk is far longer than a cache line.
     auto share_start = [&](int part, int parts) -> std::int64_t {
         if (part >= parts) return total;
         const std::int64_t raw = (total / parts) * part + std::min<std::int64_t>(part, total % parts);
@@ -160,23 +163,26 @@ void for_each_share(const Tensor* tensors, std::size_t count, int num_threads, F
         const std::int64_t aligned = local - (first_element_index(tensors[k]) + local) % line;
         return offsets[k] + std::max<std::int64_t>(aligned, 0);
     };
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
-#endif
-    {
-#if defined(_OPENMP)
-        const int part = omp_get_thread_num(), parts = omp_get_num_threads();
-#else
-        const int part = 0, parts = 1;
-#endif
-        const std::int64_t begin = share_start(part, parts), end = share_start(part + 1, parts);
-        std::size_t k = static_cast<std::size_t>(std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin()) - 1;
-        for (; k < count && offsets[k] < end; ++k) {
-            const std::int64_t lo = std::max(begin, offsets[k]) - offsets[k];
-            const std::int64_t hi = std::min(end, offsets[k + 1]) - offsets[k];
-            if (lo < hi) fn(k, lo, hi);
+    // Twice as many chunks as threads: a worker that starts late still finds work.
+    const int chunks = threads * 2;
+    using ShareStart = decltype(share_start);
+    struct Job {
+        ShareStart& start;
+        const std::vector<std::int64_t>& offsets;
+        std::size_t count;
+        int chunks;
+        Fn& fn;
+    } job{share_start, offsets, count, chunks, fn};
+    WorkPool::instance().run(threads, chunks, [](void* context, int chunk) {
+        Job& j = *static_cast<Job*>(context);
+        const std::int64_t begin = j.start(chunk, j.chunks), end = j.start(chunk + 1, j.chunks);
+        std::size_t k = static_cast<std::size_t>(std::upper_bound(j.offsets.begin(), j.offsets.end(), begin) - j.offsets.begin()) - 1;
+        for (; k < j.count && j.offsets[k] < end; ++k) {
+            const std::int64_t lo = std::max(begin, j.offsets[k]) - j.offsets[k];
+            const std::int64_t hi = std::min(end, j.offsets[k + 1]) - j.offsets[k];
+            if (lo < hi) j.fn(k, lo, hi);
         }
-    }
+    }, &job);
 }
 
 // Most tensors of a step share hyper-parameters and step count: compute each

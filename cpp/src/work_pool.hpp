@@ -1,0 +1,120 @@
+// A pool of worker threads for one step's chunks of work, where the caller never
+// waits for a worker that has not started.
+//
+// Why not an OpenMP parallel region: its closing barrier waits for every thread of
+// the team. When another runtime's threads are spinning on the other cores (OpenBLAS
+// keeps its threads busy-waiting for ~0.1 s after each matrix product, which a NumPy
+// training loop does between optimizer steps), a worker is not scheduled until the
+// next time slice and a 20 us step takes milliseconds. Here the caller claims chunks
+// too; a late worker finds none left and goes back to sleep, so the worst case is the
+// single-threaded time. The thread *count* still follows OpenMP's settings
+// (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl); see dispatch.cpp.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FASTADAM_PAUSE() _mm_pause()
+#else
+#define FASTADAM_PAUSE() std::this_thread::yield()
+#endif
+
+namespace fastadam {
+
+class WorkPool {
+public:
+    using ChunkFn = void (*)(void* context, int chunk);
+
+    static WorkPool& instance() {
+        // Leaked on purpose: detached workers may outlive static destruction at exit.
+        static WorkPool* pool = new WorkPool();
+        return *pool;
+    }
+
+    // Runs fn(context, c) for every c in [0, chunks) on the caller and up to
+    // `threads - 1` workers; returns when every chunk is done.
+    void run(int threads, int chunks, ChunkFn fn, void* context) {
+        std::lock_guard<std::mutex> one_job(job_mutex_);  // callers from several Python threads take turns
+        ensure_workers(threads - 1);
+        fn_.store(fn, std::memory_order_relaxed);
+        context_.store(context, std::memory_order_relaxed);
+        chunks_.store(chunks, std::memory_order_relaxed);
+        done_.store(0, std::memory_order_relaxed);
+        const std::uint64_t epoch = ++epoch_counter_;
+        helpers_.store(threads - 1, std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lock(wake_mutex_);
+            ticket_.store(epoch << 32, std::memory_order_release);  // publishes the job
+        }
+        wake_.notify_all();
+        work(epoch);
+        // Only chunks that a running worker has claimed can still be in progress.
+        while (done_.load(std::memory_order_acquire) != chunks) FASTADAM_PAUSE();
+    }
+
+private:
+    WorkPool() = default;
+
+    void ensure_workers(int count) {
+        while (started_ < count) {
+            std::thread(&WorkPool::worker_loop, this, started_).detach();
+            ++started_;
+        }
+    }
+
+    // Claims and runs chunks of job `epoch` until none is left.
+    void work(std::uint64_t epoch) {
+        for (;;) {
+            std::uint64_t ticket = ticket_.load(std::memory_order_acquire);
+            const ChunkFn fn = fn_.load(std::memory_order_relaxed);
+            void* const context = context_.load(std::memory_order_relaxed);
+            const int chunks = chunks_.load(std::memory_order_relaxed);
+            // A claim succeeds only while job `epoch` is current, and then the fields
+            // read above are its own: a new job starts only after every chunk is done.
+            if ((ticket >> 32) != epoch || static_cast<int>(ticket & 0xffffffffu) >= chunks) return;
+            if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel)) continue;
+            fn(context, static_cast<int>(ticket & 0xffffffffu));
+            done_.fetch_add(1, std::memory_order_acq_rel);
+        }
+    }
+
+    void worker_loop(int id) {
+        std::uint64_t seen = 0;
+        for (;;) {
+            // Spin briefly (steps often come back to back), then sleep.
+            std::uint64_t epoch = ticket_.load(std::memory_order_acquire) >> 32;
+            const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+            while (epoch == seen && std::chrono::steady_clock::now() < spin_until) {
+                for (int i = 0; i < 64; ++i) FASTADAM_PAUSE();
+                epoch = ticket_.load(std::memory_order_acquire) >> 32;
+            }
+            if (epoch == seen) {
+                std::unique_lock<std::mutex> lock(wake_mutex_);
+                wake_.wait(lock, [&] { return (ticket_.load(std::memory_order_acquire) >> 32) != seen; });
+                epoch = ticket_.load(std::memory_order_acquire) >> 32;
+            }
+            seen = epoch;
+            if (id < helpers_.load(std::memory_order_relaxed)) work(epoch);  // this job wants `helpers_` of us
+        }
+    }
+
+    std::mutex job_mutex_;
+    std::mutex wake_mutex_;
+    std::condition_variable wake_;
+    std::atomic<std::uint64_t> ticket_{0};  // epoch << 32 | next chunk to claim
+    std::atomic<ChunkFn> fn_{nullptr};
+    std::atomic<void*> context_{nullptr};
+    std::atomic<int> chunks_{0};
+    std::atomic<int> done_{0};
+    std::atomic<int> helpers_{0};
+    std::uint64_t epoch_counter_ = 0;
+    int started_ = 0;
+};
+
+}  // namespace fastadam
