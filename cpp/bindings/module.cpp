@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "fastadam/fastadam.hpp"
+#define FASTADAM_CAPI_NO_IMPORT  // this module exports the table; it does not import it
+#include "fastadam/capi.hpp"
 
 namespace py = pybind11;
 using fastadam::AdamHyperparams;
@@ -849,4 +851,15 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     m.def("get_num_threads", &fastadam::get_num_threads, "The number of threads a large step uses.");
     m.def("has_openmp", &fastadam::has_openmp, "Whether this build has OpenMP (else every step runs on one thread).");
     m.attr("min_elements_per_thread") = fastadam::kMinElementsPerThread;
+
+    // C API for other extension modules (fastadam/kernel.pxd, fastadam/capi.hpp): a table of
+    // function pointers into this module's kernel, same dispatch and threads as above.
+    static const fastadam::CApi c_api = {
+        FASTADAM_CAPI_VERSION, static_cast<std::uint32_t>(sizeof(fastadam::CApi)),
+        [](const AdamTensor<float>* t, std::size_t n) noexcept { fastadam::adam_step(t, n); },
+        [](const AdamTensor<double>* t, std::size_t n) noexcept { fastadam::adam_step(t, n); },
+        [](const SgdTensor<float>* t, std::size_t n) noexcept { fastadam::sgd_step(t, n); },
+        [](const SgdTensor<double>* t, std::size_t n) noexcept { fastadam::sgd_step(t, n); },
+    };
+    m.attr("_C_API") = py::capsule(static_cast<const void*>(&c_api), FASTADAM_CAPI_CAPSULE_NAME);
 }

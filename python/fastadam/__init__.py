@@ -7,6 +7,7 @@ readable NumPy reference in :mod:`fastadam.reference`.
 Functional API (in place): :func:`adam_step`, :func:`adam_step_multi`, :func:`sgd_step`.
 Optimizers (torch.optim's interface): :class:`Adam`, :class:`AdamW`, :class:`SGD`; for
 torch tensors, ``fastadam.torch.Adam`` / ``AdamW`` / ``SGD`` (imported on request only).
+C++/Cython: :func:`get_include` (headers; ``cimport fastadam.kernel``, see kernel.pxd).
 Control: :func:`set_isa` / :func:`get_isa` / :func:`available_isas` (or the
 environment variable ``FASTADAM_ISA``), :func:`set_num_threads` / :func:`get_num_threads`.
 """
@@ -39,7 +40,19 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "reference",
+    "get_include",
     "__version__",
 ]
+
+
+def get_include() -> str:
+    """The directory of fastadam's C++ headers (``fastadam/types.hpp``, ``fastadam/capi.hpp``).
+
+    Add it to ``include_dirs`` to build a C++ or Cython extension that calls the kernel
+    through ``cimport fastadam.kernel`` (compile with ``language="c++"``)."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+
 
 _core._set_isa_from_environment()
