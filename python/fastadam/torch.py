@@ -157,6 +157,33 @@ class _NativeOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: Mapping[str, Any], where: str) -> None:
         raise NotImplementedError
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One step on every parameter with a gradient, in place, all in one kernel call.
+
+        Args:
+            closure: optional; re-evaluates the model (with grad enabled) and returns the loss.
+
+        Returns the closure's loss (None without a closure). All tensors are checked before
+        any is written: a TypeError/ValueError leaves parameters and state untouched.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        per_group, where = self._grads()
+        if where:
+            self._native_step(per_group, where)
+        return loss
+
+    def _native_step(self, per_group: list[list[tuple[int, torch.Tensor, torch.Tensor]]], where: list[tuple[int, int]]) -> None:
+        raise NotImplementedError
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, as ``torch.optim.Optimizer.add_param_group``; its tensors and
         hyper-parameters are checked first (TypeError/ValueError, and the group is not added)."""
@@ -326,28 +353,7 @@ class Adam(_NativeOptimizer):
     def _check_group(self, group: Mapping[str, Any], where: str) -> None:
         _core._check_adam_group(tuple(group[k] for k in self._hyper_keys), where)
 
-    @overload
-    def step(self, closure: None = None) -> None: ...
-
-    @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One Adam step on every parameter with a gradient, in place, all in one kernel call.
-
-        Args:
-            closure: optional; re-evaluates the model (with grad enabled) and returns the loss.
-
-        Returns the closure's loss (None without a closure). All tensors are checked before
-        any is written: a TypeError/ValueError leaves parameters and state untouched.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        per_group, where = self._grads()
-        if not where:
-            return loss
+    def _native_step(self, per_group: list[list[tuple[int, torch.Tensor, torch.Tensor]]], where: list[tuple[int, int]]) -> None:
         params: list[_Array] = []
         grads: list[_Array | None] = []
         exp_avgs: list[_Array | None] = []
@@ -403,7 +409,6 @@ class Adam(_NativeOptimizer):
         # torch keeps each count in a float tensor, which `float(step)` read above.
         torch._foreach_add_(step_tensors, 1.0)  # what torch.optim does; one call for all of them
         _bump_versions(updated)
-        return loss
 
 
 class AdamW(Adam):
@@ -510,28 +515,7 @@ class SGD(_NativeOptimizer):
     def _check_group(self, group: Mapping[str, Any], where: str) -> None:
         _core._check_sgd_group(tuple(group[k] for k in self._hyper_keys), where)
 
-    @overload
-    def step(self, closure: None = None) -> None: ...
-
-    @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One SGD step on every parameter with a gradient, in place, all in one kernel call.
-
-        Args:
-            closure: optional; re-evaluates the model (with grad enabled) and returns the loss.
-
-        Returns the closure's loss (None without a closure). All tensors are checked before
-        any is written: a TypeError/ValueError leaves parameters and state untouched.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        per_group, where = self._grads()
-        if not where:
-            return loss
+    def _native_step(self, per_group: list[list[tuple[int, torch.Tensor, torch.Tensor]]], where: list[tuple[int, int]]) -> None:
         params: list[_Array] = []
         grads: list[_Array | None] = []
         buffers: list[_Array | None] = []
@@ -567,4 +551,3 @@ class SGD(_NativeOptimizer):
                 raise self._explained(error, where) from None
             raise
         _bump_versions(updated)
-        return loss
