@@ -313,6 +313,54 @@ bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* w
     return needed;
 }
 
+// ----- kernel descriptors, shared by the one-shot calls and StepPlan -------------------
+
+// buffers: param, grad, then the state in slot order (Adam: exp_avg, exp_avg_sq,
+// max_exp_avg_sq; SGD: momentum_buffer); unused state may be null.
+template <class T>
+AdamTensor<T> adam_tensor(char* const* buffers, std::int64_t size, std::int64_t step, const AdamHyperparams* h) {
+    AdamTensor<T> t;
+    t.param = reinterpret_cast<T*>(buffers[0]);
+    t.grad = reinterpret_cast<const T*>(buffers[1]);
+    t.exp_avg = reinterpret_cast<T*>(buffers[2]);
+    t.exp_avg_sq = reinterpret_cast<T*>(buffers[3]);
+    t.max_exp_avg_sq = h->amsgrad ? reinterpret_cast<T*>(buffers[4]) : nullptr;
+    t.size = size;
+    t.step = step;
+    t.hyper = h;
+    return t;
+}
+
+template <class T>
+SgdTensor<T> sgd_tensor(char* const* buffers, std::int64_t size, bool first_step, const SgdHyperparams* h) {
+    SgdTensor<T> t;
+    t.param = reinterpret_cast<T*>(buffers[0]);
+    t.grad = reinterpret_cast<const T*>(buffers[1]);
+    t.momentum_buffer = h->momentum != 0.0 ? reinterpret_cast<T*>(buffers[2]) : nullptr;
+    t.size = size;
+    t.first_step = first_step;
+    t.hyper = h;
+    return t;
+}
+
+void kernel(const AdamTensor<float>* t, std::size_t n) { fastadam::adam_step(t, n); }
+void kernel(const AdamTensor<double>* t, std::size_t n) { fastadam::adam_step(t, n); }
+void kernel(const SgdTensor<float>* t, std::size_t n) { fastadam::sgd_step(t, n); }
+void kernel(const SgdTensor<double>* t, std::size_t n) { fastadam::sgd_step(t, n); }
+
+// The validated tensors of one step, by dtype; run() releases the GIL once for both.
+template <template <class> class Tensor>
+struct Tensors {
+    std::vector<Tensor<float>> f32;
+    std::vector<Tensor<double>> f64;
+    explicit Tensors(std::size_t n) { f32.reserve(n); }
+    void run() {
+        py::gil_scoped_release release;
+        if (!f32.empty()) kernel(f32.data(), f32.size());
+        if (!f64.empty()) kernel(f64.data(), f64.size());
+    }
+};
+
 // ----- Adam ------------------------------------------------------------------------
 
 // The validated tensors of one step, written only by run().
@@ -320,10 +368,9 @@ struct AdamBatch {
     const char* fn;
     bool multi;
     Footprint footprint;
-    std::vector<AdamTensor<float>> f32;
-    std::vector<AdamTensor<double>> f64;
+    Tensors<AdamTensor> tensors;
 
-    AdamBatch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, 4 * n) { f32.reserve(n); }
+    AdamBatch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, 4 * n), tensors(n) {}
 
     // Returns false for a tensor to skip (grad is None, where allowed).
     bool add(std::size_t i, const py::handle arrays[5], std::int64_t step, const AdamHyperparams* h, bool allow_none_grad) {
@@ -332,29 +379,15 @@ struct AdamBatch {
         const bool ams = check_optional(arrays[4], h->amsgrad, ArgName{fn, kMaxExpAvgSq, i, multi}, "amsgrad=True");
         Buffer b[5];
         validate_tensor(fn, i, multi, arrays, slots, ams ? 5 : 4, footprint, b);
-        if (b[0].dtype == DType::f32) f32.push_back(make<float>(b, step, h));
-        else f64.push_back(make<double>(b, step, h));
+        char* const buffers[5] = {b[0].data, b[1].data, b[2].data, b[3].data, b[4].data};
+        if (b[0].dtype == DType::f32) tensors.f32.push_back(adam_tensor<float>(buffers, b[0].size, step, h));
+        else tensors.f64.push_back(adam_tensor<double>(buffers, b[0].size, step, h));
         return true;
-    }
-    template <class T>
-    static AdamTensor<T> make(const Buffer* b, std::int64_t step, const AdamHyperparams* h) {
-        AdamTensor<T> t;
-        t.param = reinterpret_cast<T*>(b[0].data);
-        t.grad = reinterpret_cast<const T*>(b[1].data);
-        t.exp_avg = reinterpret_cast<T*>(b[2].data);
-        t.exp_avg_sq = reinterpret_cast<T*>(b[3].data);
-        t.max_exp_avg_sq = h->amsgrad ? reinterpret_cast<T*>(b[4].data) : nullptr;
-        t.size = b[0].size;
-        t.step = step;
-        t.hyper = h;
-        return t;
     }
     // Every array is validated: check overlaps, then write.
     void run() {
         footprint.check();
-        py::gil_scoped_release release;
-        if (!f32.empty()) fastadam::adam_step(f32.data(), f32.size());
-        if (!f64.empty()) fastadam::adam_step(f64.data(), f64.size());
+        tensors.run();
     }
 };
 
@@ -364,10 +397,9 @@ struct SgdBatch {
     const char* fn;
     bool multi;
     Footprint footprint;
-    std::vector<SgdTensor<float>> f32;
-    std::vector<SgdTensor<double>> f64;
+    Tensors<SgdTensor> tensors;
 
-    SgdBatch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, 2 * n) { f32.reserve(n); }
+    SgdBatch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, 2 * n), tensors(n) {}
 
     bool add(std::size_t i, const py::handle arrays[3], bool first_step, const SgdHyperparams* h, bool allow_none_grad) {
         if (allow_none_grad && arrays[1].is_none()) return false;
@@ -375,26 +407,14 @@ struct SgdBatch {
         const bool mom = check_optional(arrays[2], h->momentum != 0.0, ArgName{fn, kMomentumBuffer, i, multi}, "momentum != 0");
         Buffer b[3];
         validate_tensor(fn, i, multi, arrays, slots, mom ? 3 : 2, footprint, b);
-        if (b[0].dtype == DType::f32) f32.push_back(make<float>(b, first_step, h));
-        else f64.push_back(make<double>(b, first_step, h));
+        char* const buffers[3] = {b[0].data, b[1].data, b[2].data};
+        if (b[0].dtype == DType::f32) tensors.f32.push_back(sgd_tensor<float>(buffers, b[0].size, first_step, h));
+        else tensors.f64.push_back(sgd_tensor<double>(buffers, b[0].size, first_step, h));
         return true;
-    }
-    template <class T>
-    static SgdTensor<T> make(const Buffer* b, bool first_step, const SgdHyperparams* h) {
-        SgdTensor<T> t;
-        t.param = reinterpret_cast<T*>(b[0].data);
-        t.grad = reinterpret_cast<const T*>(b[1].data);
-        t.momentum_buffer = h->momentum != 0.0 ? reinterpret_cast<T*>(b[2].data) : nullptr;
-        t.size = b[0].size;
-        t.first_step = first_step;
-        t.hyper = h;
-        return t;
     }
     void run() {
         footprint.check();
-        py::gil_scoped_release release;
-        if (!f32.empty()) fastadam::sgd_step(f32.data(), f32.size());
-        if (!f64.empty()) fastadam::sgd_step(f64.data(), f64.size());
+        tensors.run();
     }
 };
 
@@ -609,45 +629,35 @@ public:
 
     void adam_step(py::handle grads, py::handle steps, py::handle hypers_in) {
         const auto hypers = group_hypers<AdamHyperparams>(hypers_in, kAdamKeys, fn_, adam_hyper);
-        std::vector<AdamTensor<float>> f32;
-        std::vector<AdamTensor<double>> f64;
-        f32.reserve(entries_.size());
+        Tensors<AdamTensor> tensors(entries_.size());
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
         for (std::size_t i = 0; i < entries_.size(); ++i) {
             if (!grad_[i]) continue;
             const Entry& e = entries_[i];
             const AdamHyperparams* h = &hypers[group_of_[i]];
             if (!e.state[0] || !e.state[1] || (h->amsgrad && !e.state[2])) throw std::logic_error(fn_ + ": state missing (stale plan)");
-            if (e.param.dtype == DType::f32) f32.push_back(adam_tensor<float>(e, grad_[i], step_counts[i] + 1, h));
-            else f64.push_back(adam_tensor<double>(e, grad_[i], step_counts[i] + 1, h));
+            char* const buffers[5] = {e.param.data, grad_[i], e.state[0], e.state[1], e.state[2]};
+            if (e.param.dtype == DType::f32) tensors.f32.push_back(adam_tensor<float>(buffers, e.param.size, step_counts[i] + 1, h));
+            else tensors.f64.push_back(adam_tensor<double>(buffers, e.param.size, step_counts[i] + 1, h));
         }
-        {
-            py::gil_scoped_release release;
-            if (!f32.empty()) fastadam::adam_step(f32.data(), f32.size());
-            if (!f64.empty()) fastadam::adam_step(f64.data(), f64.size());
-        }
+        tensors.run();
         for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
     }
 
     void sgd_step(py::handle grads, py::handle steps, py::handle hypers_in) {
         const auto hypers = group_hypers<SgdHyperparams>(hypers_in, kSgdKeys, fn_, sgd_hyper);
-        std::vector<SgdTensor<float>> f32;
-        std::vector<SgdTensor<double>> f64;
-        f32.reserve(entries_.size());
+        Tensors<SgdTensor> tensors(entries_.size());
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
         for (std::size_t i = 0; i < entries_.size(); ++i) {
             if (!grad_[i]) continue;
             const Entry& e = entries_[i];
             const SgdHyperparams* h = &hypers[group_of_[i]];
             if (h->momentum != 0.0 && !e.state[0]) throw std::logic_error(fn_ + ": state missing (stale plan)");
-            if (e.param.dtype == DType::f32) f32.push_back(sgd_tensor<float>(e, grad_[i], step_counts[i] == 0, h));
-            else f64.push_back(sgd_tensor<double>(e, grad_[i], step_counts[i] == 0, h));
+            char* const buffers[3] = {e.param.data, grad_[i], e.state[0]};
+            if (e.param.dtype == DType::f32) tensors.f32.push_back(sgd_tensor<float>(buffers, e.param.size, step_counts[i] == 0, h));
+            else tensors.f64.push_back(sgd_tensor<double>(buffers, e.param.size, step_counts[i] == 0, h));
         }
-        {
-            py::gil_scoped_release release;
-            if (!f32.empty()) fastadam::sgd_step(f32.data(), f32.size());
-            if (!f64.empty()) fastadam::sgd_step(f64.data(), f64.size());
-        }
+        tensors.run();
         for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
     }
 
@@ -694,31 +704,6 @@ private:
         return step_counts;
     }
 
-    template <class T>
-    static AdamTensor<T> adam_tensor(const Entry& e, const char* grad, std::int64_t step, const AdamHyperparams* h) {
-        AdamTensor<T> t;
-        t.param = reinterpret_cast<T*>(e.param.data);
-        t.grad = reinterpret_cast<const T*>(grad);
-        t.exp_avg = reinterpret_cast<T*>(e.state[0]);
-        t.exp_avg_sq = reinterpret_cast<T*>(e.state[1]);
-        t.max_exp_avg_sq = h->amsgrad ? reinterpret_cast<T*>(e.state[2]) : nullptr;
-        t.size = e.param.size;
-        t.step = step;
-        t.hyper = h;
-        return t;
-    }
-    template <class T>
-    static SgdTensor<T> sgd_tensor(const Entry& e, const char* grad, bool first_step, const SgdHyperparams* h) {
-        SgdTensor<T> t;
-        t.param = reinterpret_cast<T*>(e.param.data);
-        t.grad = reinterpret_cast<const T*>(grad);
-        t.momentum_buffer = h->momentum != 0.0 ? reinterpret_cast<T*>(e.state[0]) : nullptr;
-        t.size = e.param.size;
-        t.first_step = first_step;
-        t.hyper = h;
-        return t;
-    }
-
     std::string fn_;
     py::list params_, states_;  // keep every buffer alive while the plan points into it
     std::size_t n_groups_;
@@ -726,7 +711,7 @@ private:
     std::vector<Entry> entries_;
     std::vector<py::ssize_t> shapes_;
     std::vector<std::size_t> group_of_;
-    std::vector<const char*> grad_;
+    std::vector<char*> grad_;
 };
 
 // Optimizer construction: every param is a writeable float array and no two share memory.
