@@ -290,7 +290,10 @@ def test_bad_buffer_functional(api, slot, kind):
     arrays = make(np.random.default_rng(0))
     arrays[slot] = KINDS[kind].make(arrays[slot])
     exc, hint = expected(kind, slot)
-    info = assert_rejected(exc, re.escape(f"{api}(): {slot}") + r"\b", lambda: call(arrays), arrays)
+    # Named once, after the function: "adam_step(): param ..." or, when it fails to
+    # match another array, "adam_step(): grad has dtype float32 but param has ...".
+    info = assert_rejected(exc, re.escape(f"{api}(): ") + r"(?:.*\W)?" + re.escape(slot) + r"\b", lambda: call(arrays), arrays)
+    assert str(info.value).count(f"{api}():") == 1, str(info.value)
     _check_hint(info, hint)
 
 
@@ -306,7 +309,8 @@ def test_bad_5th_buffer_multi_changes_no_tensor(slot, kind):
     good = arrays[slot][BAD]
     arrays[slot][BAD] = KINDS[kind].make(good)
     exc, hint = expected(kind, slot[:-1])
-    info = assert_rejected(exc, re.escape(f"adam_step_multi(): {slot}[{BAD}]"), lambda: call_multi(arrays), arrays)
+    info = assert_rejected(exc, re.escape("adam_step_multi(): ") + r"(?:.*\W)?" + re.escape(f"{slot}[{BAD}]"), lambda: call_multi(arrays), arrays)
+    assert str(info.value).count("adam_step_multi():") == 1, str(info.value)
     _check_hint(info, hint)
 
     arrays[slot][BAD] = good

@@ -263,3 +263,85 @@ def test_optimizer_is_deterministic_across_threads_and_isas():
 def test_repr_lists_groups():
     opt = fastadam.Adam([np.zeros(3, np.float32)], lr=0.25)
     assert "lr: 0.25" in repr(opt) and "Parameter Group 0" in repr(opt)
+
+
+def test_concurrent_steps_of_one_optimizer_are_refused_not_raced():
+    """The step's buffers are reused and read with the GIL released: a second thread
+    stepping the same optimizer meanwhile gets RuntimeError, and the first thread's
+    steps are unaffected (same bits as the same steps run alone)."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    start = rng.standard_normal(2_000_000).astype(np.float32)
+    grad = rng.standard_normal(start.size).astype(np.float32)
+
+    param = start.copy()
+    opt = fastadam.Adam([param], lr=1e-3)
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def intruder() -> None:
+        while not stop.is_set() and not refused:
+            try:
+                opt.step([grad])
+            except RuntimeError as e:
+                refused.append(str(e))
+
+    steps_done = 0
+    thread = threading.Thread(target=intruder)
+    opt.step([grad])
+    steps_done += 1
+    thread.start()
+    try:
+        for _ in range(200):
+            if refused:
+                break
+            opt.step([grad])
+            steps_done += 1
+    except RuntimeError as e:  # the intruder may hold the step when we call
+        refused.append(str(e))
+    finally:
+        stop.set()
+        thread.join()
+    assert refused, "no concurrent step was ever refused"
+    assert "another thread is running a step of this optimizer" in refused[0]
+    # Every step that ran was whole: param equals the reference after as many steps.
+    total = int(opt.state[0]["step"])
+    assert total >= steps_done
+    ref_p, m, v = start.copy(), np.zeros_like(start), np.zeros_like(start)
+    for t in range(1, total + 1):
+        reference.adam_step(ref_p, grad, m, v, step=t, lr=1e-3)
+    assert same_bits(param, ref_p)
+
+
+def test_gradients_off_the_fast_path_are_accepted_and_checked_the_same():
+    """A step recognises the usual gradient from its array header alone; an equal dtype
+    that is another object (dtype metadata), an ndarray subclass, or a different array
+    each step take the full check and give the same bits."""
+
+    class Sub(np.ndarray):
+        pass
+
+    rng = np.random.default_rng(11)
+    start = [rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    grad_values = [[rng.standard_normal(p.shape).astype(np.float32) for p in start] for _ in range(4)]
+    meta = np.dtype(np.float32, metadata={"unit": "1"})
+    assert meta == np.float32 and meta is not np.dtype(np.float32)
+
+    def run(wrap):
+        params = [p.copy() for p in start]
+        opt = fastadam.Adam(params, lr=1e-2)
+        for grads in grad_values:
+            opt.step([wrap(g) for g in grads])
+        return params
+
+    plain = run(lambda g: g)
+    for wrap in (lambda g: g.astype(meta), lambda g: g.view(Sub), lambda g: g.copy()):
+        for a, b in zip(run(wrap), plain):
+            assert same_bits(a, b)
+
+    # The full check still refuses what it refused: a float64 gradient for a float32 param.
+    opt = fastadam.Adam([start[0].copy()], lr=1e-2)
+    opt.step([grad_values[0][0]])
+    with pytest.raises(TypeError, match=r"grads\[0\] has dtype float64 but params\[0\] has dtype float32"):
+        opt.step([grad_values[0][0].astype(np.float64)])

@@ -12,6 +12,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -49,9 +50,9 @@ struct ArgName {
     Slot slot;
     std::size_t index;
     bool multi;
-    std::string str() const {
-        return std::string(fn) + ": " + (multi ? std::string(kPlural[slot]) + "[" + std::to_string(index) + "]" : kSingular[slot]);
-    }
+    std::string str() const { return std::string(fn) + ": " + bare(); }
+    // Without the function, for a second argument in one message.
+    std::string bare() const { return multi ? std::string(kPlural[slot]) + "[" + std::to_string(index) + "]" : kSingular[slot]; }
 };
 
 // ----- arrays ----------------------------------------------------------------------
@@ -119,13 +120,13 @@ Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
 
 void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg) {
     if (b.dtype != ref.dtype)
-        throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + ref_arg.str() + " has dtype " +
+        throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + ref_arg.bare() + " has dtype " +
                    dtype_name(ref.dtype) + "; a parameter, its gradient and its state must share one dtype");
     auto a = py::reinterpret_borrow<py::array>(b.obj), r = py::reinterpret_borrow<py::array>(ref.obj);
     bool same = a.ndim() == r.ndim();
     for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == r.shape(i);
     if (!same)
-        throw_value(arg.str() + " has shape " + shape_str(a) + " but " + ref_arg.str() + " has shape " + shape_str(r) +
+        throw_value(arg.str() + " has shape " + shape_str(a) + " but " + ref_arg.bare() + " has shape " + shape_str(r) +
                     "; they must have the same shape");
 }
 
@@ -149,9 +150,13 @@ public:
     void check() const { check_reads(sorted_written(), read_); }
 
     // For a StepPlan: verify the written buffers once, then check each step's
-    // gradients (the reads of `reads`) against them.
+    // gradients against them as they arrive.
     void freeze() { frozen_ = sorted_written(); }
-    void check_against_frozen(const Footprint& reads) const { check_reads(frozen_, reads.read_); }
+    void check_read_against_frozen(const Buffer& b, std::size_t tensor) const {
+        if (b.nbytes == 0) return;
+        const auto begin = reinterpret_cast<std::uintptr_t>(b.data);
+        check_read(frozen_, Range{begin, begin + static_cast<std::uintptr_t>(b.nbytes), tensor, kGrad});
+    }
 
 private:
     struct Range {
@@ -162,10 +167,17 @@ private:
     };
 
     void check_reads(const std::vector<Range>& sorted, const std::vector<Range>& reads) const {
-        for (const Range& r : reads) {
-            auto it = std::upper_bound(sorted.begin(), sorted.end(), r.end, [](std::uintptr_t end, const Range& w) { return end <= w.begin; });
-            if (it != sorted.begin() && std::prev(it)->end > r.begin) overlap(*std::prev(it), r);
-        }
+        for (const Range& r : reads) check_read(sorted, r);
+    }
+
+    // The written ranges are sorted and disjoint, so only the last one starting
+    // before r ends can overlap r. The search is branch-free: on a 1000-tensor
+    // model, mispredicted branches of std::upper_bound cost more than the update.
+    void check_read(const std::vector<Range>& sorted, const Range& r) const {
+        if (sorted.empty()) return;
+        const Range* base = sorted.data();
+        for (std::size_t n = sorted.size(); n > 1; n -= n / 2) base = base[n / 2].begin < r.end ? base + n / 2 : base;
+        if (base->begin < r.end && base->end > r.begin) overlap(*base, r);
     }
 
     const std::vector<Range>& sorted_written() const {
@@ -181,8 +193,7 @@ private:
     }
 
     [[noreturn]] void overlap(const Range& a, const Range& b) const {
-        const std::string second = ArgName{fn_, b.slot, b.tensor, multi_}.str();
-        throw_value(ArgName{fn_, a.slot, a.tensor, multi_}.str() + " and " + second.substr(std::strlen(fn_) + 2) +
+        throw_value(ArgName{fn_, a.slot, a.tensor, multi_}.str() + " and " + ArgName{fn_, b.slot, b.tensor, multi_}.bare() +
                     " share memory; every written buffer (param, exp_avg, exp_avg_sq, max_exp_avg_sq, "
                     "momentum_buffer) must be its own array, and no gradient may overlap one");
     }
@@ -316,10 +327,11 @@ bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* w
 // ----- kernel descriptors, shared by the one-shot calls and StepPlan -------------------
 
 // buffers: param, grad, then the state in slot order (Adam: exp_avg, exp_avg_sq,
-// max_exp_avg_sq; SGD: momentum_buffer); unused state may be null.
+// max_exp_avg_sq; SGD: momentum_buffer); unused state may be null. They fill the
+// descriptor where it lives: returning it by value made GCC assemble it on the stack
+// from 8-byte stores and copy it with 16-byte loads, a store-forwarding stall per tensor.
 template <class T>
-AdamTensor<T> adam_tensor(char* const* buffers, std::int64_t size, std::int64_t step, const AdamHyperparams* h) {
-    AdamTensor<T> t;
+void set_tensor(AdamTensor<T>& t, char* const* buffers, std::int64_t size, std::int64_t step, const AdamHyperparams* h) {
     t.param = reinterpret_cast<T*>(buffers[0]);
     t.grad = reinterpret_cast<const T*>(buffers[1]);
     t.exp_avg = reinterpret_cast<T*>(buffers[2]);
@@ -328,19 +340,16 @@ AdamTensor<T> adam_tensor(char* const* buffers, std::int64_t size, std::int64_t 
     t.size = size;
     t.step = step;
     t.hyper = h;
-    return t;
 }
 
 template <class T>
-SgdTensor<T> sgd_tensor(char* const* buffers, std::int64_t size, bool first_step, const SgdHyperparams* h) {
-    SgdTensor<T> t;
+void set_tensor(SgdTensor<T>& t, char* const* buffers, std::int64_t size, bool first_step, const SgdHyperparams* h) {
     t.param = reinterpret_cast<T*>(buffers[0]);
     t.grad = reinterpret_cast<const T*>(buffers[1]);
     t.momentum_buffer = h->momentum != 0.0 ? reinterpret_cast<T*>(buffers[2]) : nullptr;
     t.size = size;
     t.first_step = first_step;
     t.hyper = h;
-    return t;
 }
 
 void kernel(const AdamTensor<float>* t, std::size_t n) { fastadam::adam_step(t, n); }
@@ -354,6 +363,15 @@ struct Tensors {
     std::vector<Tensor<float>> f32;
     std::vector<Tensor<double>> f64;
     explicit Tensors(std::size_t n) { f32.reserve(n); }
+    void clear() {
+        f32.clear();
+        f64.clear();
+    }
+    template <class... Args>
+    void add(DType dtype, Args... args) {
+        if (dtype == DType::f32) set_tensor(f32.emplace_back(), args...);
+        else set_tensor(f64.emplace_back(), args...);
+    }
     void run() {
         py::gil_scoped_release release;
         if (!f32.empty()) kernel(f32.data(), f32.size());
@@ -380,8 +398,7 @@ struct AdamBatch {
         Buffer b[5];
         validate_tensor(fn, i, multi, arrays, slots, ams ? 5 : 4, footprint, b);
         char* const buffers[5] = {b[0].data, b[1].data, b[2].data, b[3].data, b[4].data};
-        if (b[0].dtype == DType::f32) tensors.f32.push_back(adam_tensor<float>(buffers, b[0].size, step, h));
-        else tensors.f64.push_back(adam_tensor<double>(buffers, b[0].size, step, h));
+        tensors.add(b[0].dtype, buffers, b[0].size, step, h);
         return true;
     }
     // Every array is validated: check overlaps, then write.
@@ -408,8 +425,7 @@ struct SgdBatch {
         Buffer b[3];
         validate_tensor(fn, i, multi, arrays, slots, mom ? 3 : 2, footprint, b);
         char* const buffers[3] = {b[0].data, b[1].data, b[2].data};
-        if (b[0].dtype == DType::f32) tensors.f32.push_back(sgd_tensor<float>(buffers, b[0].size, first_step, h));
-        else tensors.f64.push_back(sgd_tensor<double>(buffers, b[0].size, first_step, h));
+        tensors.add(b[0].dtype, buffers, b[0].size, first_step, h);
         return true;
     }
     void run() {
@@ -613,6 +629,7 @@ public:
             e.shape_begin = shapes_.size();
             for (py::ssize_t d = 0; d < a.ndim(); ++d) shapes_.push_back(a.shape(d));
             e.ndim = static_cast<int>(a.ndim());
+            e.descr = py::reinterpret_borrow<py::object>(py::detail::array_proxy(p.obj)->descr);
             for (std::size_t k = 0; k < states.size(); ++k) {
                 py::handle h = item(states[k], i);
                 if (h.is_none()) continue;
@@ -629,7 +646,9 @@ public:
 
     void adam_step(py::handle grads, py::handle steps, py::handle hypers_in) {
         const auto hypers = group_hypers<AdamHyperparams>(hypers_in, kAdamKeys, fn_, adam_hyper);
-        Tensors<AdamTensor> tensors(entries_.size());
+        const Busy busy(busy_, fn_);
+        Tensors<AdamTensor>& tensors = adam_tensors_;
+        tensors.clear();
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
         for (std::size_t i = 0; i < entries_.size(); ++i) {
             if (!grad_[i]) continue;
@@ -637,8 +656,7 @@ public:
             const AdamHyperparams* h = &hypers[group_of_[i]];
             if (!e.state[0] || !e.state[1] || (h->amsgrad && !e.state[2])) throw std::logic_error(fn_ + ": state missing (stale plan)");
             char* const buffers[5] = {e.param.data, grad_[i], e.state[0], e.state[1], e.state[2]};
-            if (e.param.dtype == DType::f32) tensors.f32.push_back(adam_tensor<float>(buffers, e.param.size, step_counts[i] + 1, h));
-            else tensors.f64.push_back(adam_tensor<double>(buffers, e.param.size, step_counts[i] + 1, h));
+            tensors.add(e.param.dtype, buffers, e.param.size, step_counts[i] + 1, h);
         }
         tensors.run();
         for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
@@ -646,7 +664,9 @@ public:
 
     void sgd_step(py::handle grads, py::handle steps, py::handle hypers_in) {
         const auto hypers = group_hypers<SgdHyperparams>(hypers_in, kSgdKeys, fn_, sgd_hyper);
-        Tensors<SgdTensor> tensors(entries_.size());
+        const Busy busy(busy_, fn_);
+        Tensors<SgdTensor>& tensors = sgd_tensors_;
+        tensors.clear();
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
         for (std::size_t i = 0; i < entries_.size(); ++i) {
             if (!grad_[i]) continue;
@@ -654,8 +674,7 @@ public:
             const SgdHyperparams* h = &hypers[group_of_[i]];
             if (h->momentum != 0.0 && !e.state[0]) throw std::logic_error(fn_ + ": state missing (stale plan)");
             char* const buffers[3] = {e.param.data, grad_[i], e.state[0]};
-            if (e.param.dtype == DType::f32) tensors.f32.push_back(sgd_tensor<float>(buffers, e.param.size, step_counts[i] == 0, h));
-            else tensors.f64.push_back(sgd_tensor<double>(buffers, e.param.size, step_counts[i] == 0, h));
+            tensors.add(e.param.dtype, buffers, e.param.size, step_counts[i] == 0, h);
         }
         tensors.run();
         for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
@@ -665,9 +684,44 @@ private:
     struct Entry {
         Buffer param;
         char* state[3] = {nullptr, nullptr, nullptr};
+        py::object descr;  // the param's dtype object (held: compared by identity)
         std::size_t shape_begin = 0;
         int ndim = 0;
+        // The last gradient range found not to overlap params and state (which do not
+        // change during the plan's life): fixed gradient buffers skip the search.
+        char* checked_grad = nullptr;
+        std::int64_t checked_grad_bytes = -1;
     };
+
+    // The plan's buffers are reused from step to step and read with the GIL
+    // released: a second Python thread stepping the same optimizer meanwhile is refused.
+    class Busy {
+    public:
+        Busy(std::atomic<bool>& flag, const std::string& fn) : flag_(flag) {
+            if (flag_.exchange(true, std::memory_order_acquire))
+                throw std::runtime_error(fn + ": another thread is running a step of this optimizer");
+        }
+        ~Busy() { flag_.store(false, std::memory_order_release); }
+        Busy(const Busy&) = delete;
+        Busy& operator=(const Busy&) = delete;
+
+    private:
+        std::atomic<bool>& flag_;
+    };
+
+    // The usual gradient, recognised from its array header alone: the param's own
+    // array type and dtype object, C-contiguous, aligned, the param's shape. Anything
+    // else takes check_array, which accepts it (another equal dtype object, a
+    // subclass) or raises the error that names the problem.
+    bool plain_grad(PyObject* g, const Entry& e) const {
+        const auto* a = py::detail::array_proxy(g);
+        constexpr int needed = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+        if (Py_TYPE(g) != Py_TYPE(e.param.obj) || a->descr != e.descr.ptr() || (a->flags & needed) != needed || a->nd != e.ndim) return false;
+        const py::ssize_t* shape = &shapes_[e.shape_begin];
+        bool same = true;
+        for (int d = 0; d < e.ndim; ++d) same &= a->dimensions[d] == shape[d];  // no memcmp call for 1-4 dims
+        return same;
+    }
 
     // Validates the gradients (None: skip) and that every param is unchanged; fills grad_.
     std::int64_t* prepare(py::handle grads, py::handle steps, std::size_t n_groups) {
@@ -677,30 +731,38 @@ private:
         if (n_groups != n_groups_) throw std::logic_error(fn_ + ": stale plan");
         std::int64_t* step_counts = check_steps_array(steps, fn, n);
         grad_.assign(n, nullptr);
-        Footprint grads_footprint(fn, true, 0);
         for (std::size_t i = 0; i < n; ++i) {
             py::handle g = item(grads, i);
             if (g.is_none()) continue;
-            const Entry& e = entries_[i];
+            Entry& e = entries_[i];
             const ArgName param_name{fn, kParam, i, true};
             PyObject* p = e.param.obj;  // kept alive by params_
             if (py::detail::array_proxy(p)->data != e.param.data)  // resized with refcheck=False
                 throw_value(param_name.str() + " was reallocated since the optimizer was built; its state no longer matches it");
             if (!(py::detail::array_proxy(p)->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_))
                 throw_value(param_name.str() + " is read-only; fastadam writes it in place: pass a writeable array");
-            const ArgName arg{fn, kGrad, i, true};
-            const Buffer b = check_array(g, arg, false);
-            if (b.dtype != e.param.dtype)
-                throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + param_name.str() + " has dtype " +
-                           dtype_name(e.param.dtype) + "; a parameter, its gradient and its state must share one dtype");
-            auto ga = py::reinterpret_borrow<py::array>(g);
-            bool same = ga.ndim() == e.ndim;
-            for (int d = 0; same && d < e.ndim; ++d) same = ga.shape(d) == shapes_[e.shape_begin + d];
-            if (!same) check_same_shape(b, e.param, arg, param_name);  // raises with both shapes
-            grads_footprint.add(b, kGrad, i);
+            Buffer b;
+            if (plain_grad(g.ptr(), e)) {
+                b.data = py::detail::array_proxy(g.ptr())->data;
+                b.nbytes = e.param.nbytes;
+            } else {
+                const ArgName arg{fn, kGrad, i, true};
+                b = check_array(g, arg, false);
+                if (b.dtype != e.param.dtype)
+                    throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + param_name.bare() + " has dtype " +
+                               dtype_name(e.param.dtype) + "; a parameter, its gradient and its state must share one dtype");
+                auto ga = py::reinterpret_borrow<py::array>(g);
+                bool same = ga.ndim() == e.ndim;
+                for (int d = 0; same && d < e.ndim; ++d) same = ga.shape(d) == shapes_[e.shape_begin + d];
+                if (!same) check_same_shape(b, e.param, arg, param_name);  // raises with both shapes
+            }
+            if (b.data != e.checked_grad || b.nbytes != e.checked_grad_bytes) {
+                footprint_.check_read_against_frozen(b, i);
+                e.checked_grad = b.data;
+                e.checked_grad_bytes = b.nbytes;
+            }
             grad_[i] = b.data;
         }
-        footprint_.check_against_frozen(grads_footprint);
         return step_counts;
     }
 
@@ -712,6 +774,9 @@ private:
     std::vector<py::ssize_t> shapes_;
     std::vector<std::size_t> group_of_;
     std::vector<char*> grad_;
+    Tensors<AdamTensor> adam_tensors_{0};
+    Tensors<SgdTensor> sgd_tensors_{0};
+    std::atomic<bool> busy_{false};
 };
 
 // Optimizer construction: every param is a writeable float array and no two share memory.
@@ -759,7 +824,7 @@ Per element, T the arrays' dtype, t = step (the 1-based count of this update)::
     m = m + T(1 - beta1) * (g - m)
     v = v * T(beta2) + T(1 - beta2) * g * g
     v_max = maximum(v_max, v)                      # amsgrad
-    denom = sqrt(v_max or v) / T(sqrt(1 - beta2**t)) + T(eps)
+    denom = sqrt(v_max or v) * T(1 / sqrt(1 - beta2**t)) + T(eps)
     p = p - T(lr / (1 - beta1**t)) * m / denom
 
 Units: lr in parameter units per step, eps in gradient units.
@@ -836,6 +901,7 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     m.def("get_num_threads", &fastadam::get_num_threads, "The number of threads a large step uses.");
     m.def("has_openmp", &fastadam::has_openmp, "Whether this build has OpenMP (else every step runs on one thread).");
     m.attr("min_elements_per_thread") = fastadam::kMinElementsPerThread;
+    m.attr("min_elements_to_wake") = fastadam::kMinElementsToWake;
 
     // C API for other extension modules (fastadam/kernel.pxd, fastadam/capi.hpp): a table of
     // function pointers into this module's kernel, same dispatch and threads as above.

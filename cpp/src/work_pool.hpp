@@ -30,6 +30,8 @@ namespace fastadam {
 class WorkPool {
 public:
     using ChunkFn = void (*)(void* context, int chunk);
+    // How long an idle worker spins for the next job before it sleeps.
+    static constexpr std::chrono::microseconds kSpin{50};
 
     static WorkPool& instance() {
         // Leaked on purpose: detached workers may outlive static destruction at exit.
@@ -56,10 +58,29 @@ public:
         work(epoch);
         // Only chunks that a running worker has claimed can still be in progress.
         while (done_.load(std::memory_order_acquire) != chunks) FASTADAM_PAUSE();
+        job_ended();
     }
+
+    // Whether `helpers` workers would take part in a job now without being woken
+    // from sleep: they are spinning, or the last job ended within their spin time.
+    // Waking a sleeping thread costs the caller a system call, and on a virtual
+    // machine the worker starts tens of microseconds later: not worth it for a short
+    // job (dispatch.cpp). A loop of back-to-back steps wakes them once; they then
+    // keep spinning between steps.
+    bool helpers_ready(int helpers) const {
+        return awake_.load(std::memory_order_relaxed) >= helpers ||
+               now_ns() - last_end_ns_.load(std::memory_order_relaxed) < std::chrono::nanoseconds(kSpin).count();
+    }
+
+    // Records the end of a job that ran without the pool, for helpers_ready().
+    void job_ended() { last_end_ns_.store(now_ns(), std::memory_order_relaxed); }
 
 private:
     WorkPool() = default;
+
+    static std::int64_t now_ns() {
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    }
 
     void ensure_workers(int count) {
         while (started_ < count) {
@@ -85,18 +106,21 @@ private:
     }
 
     void worker_loop(int id) {
+        awake_.fetch_add(1, std::memory_order_relaxed);
         std::uint64_t seen = 0;
         for (;;) {
             // Spin briefly (steps often come back to back), then sleep.
             std::uint64_t epoch = ticket_.load(std::memory_order_acquire) >> 32;
-            const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+            const auto spin_until = std::chrono::steady_clock::now() + kSpin;
             while (epoch == seen && std::chrono::steady_clock::now() < spin_until) {
                 for (int i = 0; i < 64; ++i) FASTADAM_PAUSE();
                 epoch = ticket_.load(std::memory_order_acquire) >> 32;
             }
             if (epoch == seen) {
                 std::unique_lock<std::mutex> lock(wake_mutex_);
+                awake_.fetch_sub(1, std::memory_order_relaxed);
                 wake_.wait(lock, [&] { return (ticket_.load(std::memory_order_acquire) >> 32) != seen; });
+                awake_.fetch_add(1, std::memory_order_relaxed);
                 epoch = ticket_.load(std::memory_order_acquire) >> 32;
             }
             seen = epoch;
@@ -113,6 +137,8 @@ private:
     std::atomic<int> chunks_{0};
     std::atomic<int> done_{0};
     std::atomic<int> helpers_{0};
+    std::atomic<int> awake_{0};  // workers spinning or working
+    std::atomic<std::int64_t> last_end_ns_{0};
     std::uint64_t epoch_counter_ = 0;
     int started_ = 0;
 };

@@ -8,6 +8,7 @@ import numpy.typing as npt
 _Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 
 min_elements_per_thread: int
+min_elements_to_wake: int
 
 def adam_step(
     param: _Array,

@@ -268,6 +268,14 @@ def _batch_seconds(fn: Callable[[], None], steps: int) -> float:
     return perf() - t0
 
 
+def _settle(fn: Callable[[], None], seconds: float) -> None:
+    """Untimed steps for ``seconds`` (at least one)."""
+    end = time.perf_counter() + seconds
+    fn()
+    while time.perf_counter() < end:
+        fn()
+
+
 def _calibrate(fn: Callable[[], None], target: float, max_steps: int = 1 << 20) -> int:
     """Steps per sample so that one sample lasts about ``target`` seconds (at least 1)."""
     steps = 1
@@ -312,6 +320,7 @@ def run(
     *,
     warmup: int = 2,
     min_sample_time: float = 0.05,
+    settle_time: float = 0.01,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     stream_bin: str | None = None,
@@ -324,6 +333,11 @@ def run(
     round), ``steps_per_sample``, ``gbs``), ``ratios`` (peer -> peer median / fastadam median),
     ``paired_ratios`` (peer -> median over rounds of peer / fastadam in the same round) and
     ``fastadam_gbs``. Ratios need "fastadam" among the contenders.
+
+    Before each timed sample, the contender runs untimed for ``settle_time`` seconds (at
+    least one step): the previous contender's threads may still be spinning (torch's
+    OpenMP threads keep a core busy for milliseconds after a step) and its arrays fill
+    the cache. Every contender gets the same settling, so each sample is its steady state.
 
     With ``stream_bin`` (bench/cpp's ``fastadam_bench``), cases of at least
     ``stream_min_elements`` elements also run its STREAM-like loop once per round, in the
@@ -341,8 +355,8 @@ def run(
             raise ValueError(f"contender {name!r} needs torch, which is not importable")
     if len(set(names)) != len(names):
         raise ValueError("a contender is listed twice")
-    if threads < 1 or repeats < 1 or warmup < 0 or not min_sample_time > 0:
-        raise ValueError("need threads >= 1, repeats >= 1, warmup >= 0 and min_sample_time > 0")
+    if threads < 1 or repeats < 1 or warmup < 0 or not min_sample_time > 0 or not settle_time >= 0:
+        raise ValueError("need threads >= 1, repeats >= 1, warmup >= 0, min_sample_time > 0 and settle_time >= 0")
 
     say = progress or (lambda _msg: None)
     restore = _set_threads(threads)
@@ -375,6 +389,7 @@ def run(
                             assert stream_bin is not None
                             bound_samples.append(stream_probe(stream_bin, threads, probe_n))
                         else:
+                            _settle(fns[name], settle_time)
                             samples[name].append(_batch_seconds(fns[name], steps[name]) / steps[name])
             finally:
                 if gc_was_enabled:
@@ -694,6 +709,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"comma list from {', '.join(CONTENDERS)} (default: {', '.join(DEFAULT_CONTENDERS)}, torch ones if importable)")
     ap.add_argument("--min-sample-time", type=float, default=None, help="seconds per timed batch (default 0.05, quick 0.01)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before calibration (default 2)")
+    ap.add_argument("--settle-time", type=float, default=0.01,
+                    help="untimed seconds (at least one step) before each timed sample, so the previous contender's "
+                         "spinning threads and cache contents do not bill the next (default 0.01)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="write results and the machine description as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s vs size (needs matplotlib)")
@@ -728,13 +746,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bound:
         print(f"# bound: {bound['gbs']:.1f} GB/s ({bound.get('benchmark', bound['source'])})")
     overhead = _loop_overhead()
-    results = run(cases, args.threads, repeats, contenders, warmup=args.warmup, min_sample_time=min_sample_time, seed=args.seed,
+    results = run(cases, args.threads, repeats, contenders, warmup=args.warmup, min_sample_time=min_sample_time,
+                  settle_time=args.settle_time, seed=args.seed,
                   progress=lambda msg: print(msg, file=sys.stderr, flush=True), stream_bin=args.stream_bin)
     print(format_table(results, bound_gbs))
     print(f"(timing loop overhead per call, included above: {_fmt_time(overhead)})")
     if args.json:
         config = {"argv": list(sys.argv[1:] if argv is None else argv), "repeats": repeats, "min_sample_time": min_sample_time,
-                  "warmup": args.warmup, "seed": args.seed, "contenders": contenders, "lr": LR, "dtype": "float32",
+                  "warmup": args.warmup, "settle_time_s": args.settle_time, "seed": args.seed, "contenders": contenders, "lr": LR, "dtype": "float32",
                   "bytes_per_element": BYTES_PER_ELEMENT, "loop_overhead_s": overhead}
         write_json(args.json, results, machine, bound, config)
         print(f"wrote {args.json}")

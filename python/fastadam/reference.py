@@ -5,7 +5,10 @@ functions for every input (the tests compare bit patterns). They follow Kingma &
 (2015), Algorithm 1, with PyTorch's conventions (``torch.optim.Adam`` single-tensor
 path): eps is added after the bias-corrected square root, ``weight_decay`` is an L2
 term added to the gradient unless ``decoupled_weight_decay`` (AdamW), and
-``amsgrad`` / ``maximize`` behave as in torch.
+``amsgrad`` / ``maximize`` behave as in torch. One rounding differs from torch's: the
+square root of the second moment is multiplied by ``1 / sqrt(1 - beta2**t)`` (rounded
+once) where torch divides by ``sqrt(1 - beta2**t)``, which saves a division per
+element (the kernel's bottleneck when the data are in cache).
 
 Rounding rules, shared with the C++ kernel:
 
@@ -24,7 +27,7 @@ Adam, per element (``T`` = the arrays' dtype, ``t`` = ``step``)::
     m = m + T(1 - beta1) * (g - m)                    # exp_avg      (torch: lerp)
     v = v * T(beta2) + T(1 - beta2) * g * g           # exp_avg_sq   ((T(1-beta2)*g)*g)
     v_max = maximum(v_max, v)                         # amsgrad only (NaN propagates)
-    denom = sqrt(v_max if amsgrad else v) / T(sqrt(1 - beta2**t)) + T(eps)
+    denom = sqrt(v_max if amsgrad else v) * T(1 / sqrt(1 - beta2**t)) + T(eps)
     p = p - T(lr / (1 - beta1**t)) * m / denom        # (step_size*m)/denom
 
 SGD, per element (torch.optim.SGD)::
@@ -76,7 +79,7 @@ def adam_step(
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = T(lr / bias_correction1)
-    bias_correction2_sqrt = T(math.sqrt(bias_correction2))
+    inv_bias_correction2_sqrt = T(1 / math.sqrt(bias_correction2))
 
     g = np.negative(grad) if maximize else grad
     if weight_decay != 0:
@@ -94,7 +97,7 @@ def adam_step(
         second_moment = max_exp_avg_sq
     else:
         second_moment = exp_avg_sq
-    denom = np.sqrt(second_moment) / bias_correction2_sqrt + T(eps)
+    denom = np.sqrt(second_moment) * inv_bias_correction2_sqrt + T(eps)
     param -= step_size * exp_avg / denom
 
 

@@ -76,7 +76,7 @@ void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t beg
             v_hat = nan_max(max_exp_avg_sq[i], v);
             max_exp_avg_sq[i] = v_hat;
         }
-        const T denom = ieee_sqrt(v_hat) / c.bias_correction2_sqrt + c.eps;
+        const T denom = ieee_sqrt(v_hat) * c.inv_bias_correction2_sqrt + c.eps;
         param[i] = p - c.step_size * m / denom;
     }
 }

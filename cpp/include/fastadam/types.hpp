@@ -34,13 +34,19 @@ struct AdamTensor {
     const AdamHyperparams* hyper = nullptr;
 };
 
-// The per-step scalars. PyTorch computes these in Python floats (double) and rounds
-// each once to the tensor dtype when it meets a tensor; we do exactly the same, so
-// fastadam, its NumPy reference and torch's single-tensor Adam share every rounding.
+// The per-step scalars, computed in double (as PyTorch computes them in Python
+// floats) and rounded once to the tensor dtype.
+//
+// The bias correction of the second moment is applied as a multiplication by
+// 1/sqrt(1 - beta2^t) rather than a division by sqrt(1 - beta2^t) (as DeepSpeed's
+// CPUAdam does): the update then needs one division and one square root per element
+// instead of two divisions and a square root, and those share one execution unit
+// that bounds the step whenever the data fit in cache (1.36x measured at 1e6
+// elements, README).
 template <class T>
 struct AdamScalars {
     T one_minus_beta1, beta2, one_minus_beta2, weight_decay, decay_factor;
-    T step_size, bias_correction2_sqrt, eps;
+    T step_size, inv_bias_correction2_sqrt, eps;
 };
 
 template <class T>
@@ -55,7 +61,7 @@ inline AdamScalars<T> adam_scalars(const AdamHyperparams& h, std::int64_t step) 
     out.weight_decay = static_cast<T>(h.weight_decay);
     out.decay_factor = static_cast<T>(1.0 - h.lr * h.weight_decay);
     out.step_size = static_cast<T>(h.lr / bias_correction1);
-    out.bias_correction2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
+    out.inv_bias_correction2_sqrt = static_cast<T>(1.0 / std::sqrt(bias_correction2));
     out.eps = static_cast<T>(h.eps);
     return out;
 }
