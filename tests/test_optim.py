@@ -345,3 +345,23 @@ def test_gradients_off_the_fast_path_are_accepted_and_checked_the_same():
     opt.step([grad_values[0][0]])
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype float64 but params\[0\] has dtype float32"):
         opt.step([grad_values[0][0].astype(np.float64)])
+
+
+def test_deepcopy_continues_on_its_own_copies():
+    """copy.deepcopy (and pickle) copies params and state, not the native plan: the copy
+    steps its own arrays, bit-identically to the original, and leaves the original alone."""
+    import pickle
+
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(9).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float64)]
+    grads = [[rng.standard_normal(p.shape).astype(p.dtype) for p in params] for _ in range(3)]
+    opt = fastadam.Adam(params, lr=1e-2, amsgrad=True)
+    opt.step(grads[0])
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        before = [p.copy() for p in params]
+        clone.step(grads[1])
+        assert all(same_bits(p, b) for p, b in zip(params, before)), "the copy wrote the original's params"
+        opt_twin = fastadam.Adam([b.copy() for b in before], lr=1e-2, amsgrad=True)
+        opt_twin.load_state_dict(opt.state_dict())
+        opt_twin.step(grads[1])
+        assert all(same_bits(a, b) for a, b in zip(clone._params, opt_twin._params))

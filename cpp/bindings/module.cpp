@@ -717,7 +717,7 @@ private:
         const auto* a = py::detail::array_proxy(g);
         constexpr int needed = py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
         if (Py_TYPE(g) != Py_TYPE(e.param.obj) || a->descr != e.descr.ptr() || (a->flags & needed) != needed || a->nd != e.ndim) return false;
-        const py::ssize_t* shape = &shapes_[e.shape_begin];
+        const py::ssize_t* shape = shapes_.data() + e.shape_begin;  // one past the end for a trailing 0-d param
         bool same = true;
         for (int d = 0; d < e.ndim; ++d) same &= a->dimensions[d] == shape[d];  // no memcmp call for 1-4 dims
         return same;

@@ -61,18 +61,18 @@ public:
         job_ended();
     }
 
-    // Whether `helpers` workers would take part in a job now without being woken
-    // from sleep: they are spinning, or the last job ended within their spin time.
-    // Waking a sleeping thread costs the caller a system call, and on a virtual
-    // machine the worker starts tens of microseconds later: not worth it for a short
-    // job (dispatch.cpp). A loop of back-to-back steps wakes them once; they then
-    // keep spinning between steps.
+    // Whether a job may go to `helpers` workers now: they are spinning, or steps are
+    // arriving back to back (the last one ended within the workers' spin time), in
+    // which case sleeping workers are woken once and then keep spinning between steps.
+    // Otherwise a short job runs on the caller (dispatch.cpp): waking a sleeping thread
+    // costs the caller a system call, and on a virtual machine the worker starts tens
+    // of microseconds later.
     bool helpers_ready(int helpers) const {
         return awake_.load(std::memory_order_relaxed) >= helpers ||
                now_ns() - last_end_ns_.load(std::memory_order_relaxed) < std::chrono::nanoseconds(kSpin).count();
     }
 
-    // Records the end of a job that ran without the pool, for helpers_ready().
+    // Records the end of a step that ran on the caller alone, for helpers_ready().
     void job_ended() { last_end_ns_.store(now_ns(), std::memory_order_relaxed); }
 
 private:

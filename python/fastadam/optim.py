@@ -7,6 +7,7 @@ releases the GIL once and updates all tensors in one parallel region.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -46,6 +47,7 @@ class Optimizer:
         # matches, a step skips the Python loop that creates state.
         self._complete_for: list[tuple[str, ...]] | None = None
         self._plan: Any = None
+        self._step_lock = threading.Lock()
 
         if isinstance(params, np.ndarray):
             raise TypeError(
@@ -137,22 +139,41 @@ class Optimizer:
         """Update every parameter in place from ``grads`` (aligned with the params, or by name).
 
         A ``None`` gradient skips its parameter, as torch skips params whose ``.grad``
-        is None. All gradients are validated before any array is written.
+        is None. All gradients are validated before any array is written. A step called
+        while another thread is inside a step of the same optimizer raises RuntimeError.
         """
-        grad_list = self._grad_list(grads)
-        created: list[tuple[str, int]] = []
-        needs = [self._needed_buffers(group) for group in self.param_groups]
-        if needs != self._complete_for:
-            created = self._create_state(grad_list, needs)
+        # A step writes the params and state in place, partly without the GIL: two
+        # threads stepping one optimizer at once would race, so the second is refused.
+        if not self._step_lock.acquire(blocking=False):
+            raise RuntimeError(f"{self._step_name}: another thread is running a step of this optimizer")
         try:
-            self._native_step(grad_list)
-        except BaseException:
-            for key, i in created:  # a rejected step leaves no trace, not even fresh state
-                self._buffers[key][i] = None
-            self._complete_for = None
-            if created:
-                self._plan = None
-            raise
+            grad_list = self._grad_list(grads)
+            created: list[tuple[str, int]] = []
+            needs = [self._needed_buffers(group) for group in self.param_groups]
+            if needs != self._complete_for:
+                created = self._create_state(grad_list, needs)
+            try:
+                self._native_step(grad_list)
+            except BaseException:
+                for key, i in created:  # a rejected step leaves no trace, not even fresh state
+                    self._buffers[key][i] = None
+                self._complete_for = None
+                if created:
+                    self._plan = None
+                raise
+        finally:
+            self._step_lock.release()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy and pickle: the native plan and the lock are rebuilt, not copied.
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        del state["_step_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._step_lock = threading.Lock()
 
     def _needed_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError

@@ -44,11 +44,11 @@ bool has_openmp();
 #endif
 constexpr std::int64_t kMinElementsPerThread = FASTADAM_MIN_ELEMENTS_PER_THREAD;
 
-// Below this many elements a step does not wake sleeping workers and runs on the
-// calling thread: waking a thread costs the caller a system call, and on a virtual
-// machine the worker starts tens of microseconds later. Workers sleep after 50 us
-// without work, as between the steps of a training loop; in a loop of back-to-back
-// steps they are woken once and keep spinning. (Measured with bench/pause.py.)
+// Below this many elements a step runs on the calling thread when the workers sleep
+// (they sleep after 50 us without work, as between the steps of a training loop):
+// waking a thread costs the caller a system call, and on a virtual machine the
+// worker starts tens of microseconds later. Steps arriving back to back (within
+// 50 us of the last) wake them once; they then keep spinning. (bench/pause.py)
 #ifndef FASTADAM_MIN_ELEMENTS_TO_WAKE
 #define FASTADAM_MIN_ELEMENTS_TO_WAKE 131072
 #endif
