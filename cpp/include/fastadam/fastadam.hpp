@@ -50,7 +50,7 @@ constexpr std::int64_t kMinElementsPerThread = FASTADAM_MIN_ELEMENTS_PER_THREAD;
 // worker starts tens of microseconds later. Steps arriving back to back (within
 // 50 us of the last) wake them once; they then keep spinning. (bench/pause.py)
 #ifndef FASTADAM_MIN_ELEMENTS_TO_WAKE
-#define FASTADAM_MIN_ELEMENTS_TO_WAKE 131072
+#define FASTADAM_MIN_ELEMENTS_TO_WAKE 262144
 #endif
 constexpr std::int64_t kMinElementsToWake = FASTADAM_MIN_ELEMENTS_TO_WAKE;
 
