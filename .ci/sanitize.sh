@@ -22,7 +22,9 @@ mkdir -p "$work/site"
 cp -r python/fastadam "$work/site/fastadam"
 find "$work/site/fastadam" -name '_core*.so' -delete
 cp "$work"/build/_core*.so "$work/site/fastadam/"
-ldd "$work"/site/fastadam/_core*.so | grep -qE 'libasan' || { echo "the module is not linked against libasan"; exit 1; }
+# Captured first: "ldd | grep -q" can die of SIGPIPE under pipefail when grep exits at the first match.
+libs=$(ldd "$work"/site/fastadam/_core*.so)
+grep -qE 'libasan' <<<"$libs" || { echo "the module is not linked against libasan"; exit 1; }
 cp -r tests "$work/tests"
 
 echo "== sanitizers: reduced test set under ASan + UBSan"
