@@ -365,3 +365,95 @@ def test_deepcopy_continues_on_its_own_copies():
         opt_twin.load_state_dict(opt.state_dict())
         opt_twin.step(grads[1])
         assert all(same_bits(a, b) for a, b in zip(clone._params, opt_twin._params))
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_steps_with_skipped_and_mixed_dtype_tensors_split_across_threads(kind):
+    """The optimizer keeps its kernel descriptors between steps and passes only each
+    step's gradients and counts: tensors skipped (None) in some steps, float32 and
+    float64 groups, a hyper-parameter changed between steps, big enough to split
+    across threads; every path and thread count gives the reference's bits."""
+    rng = np.random.default_rng(21)
+    shapes32, shapes64 = [(30000,), (5,), (40000,)], [(20000,), (3, 11111)]
+    base32, base64 = make_params(rng, shapes32), make_params(rng, shapes64, dtype=np.float64)
+    base = base32 + base64
+    skips = [set(), {1}, {0, 3}, set(), {2, 4}, {0, 1, 2, 3, 4}, set()]
+    grads = [[None if i in skip else g for i, g in enumerate(grads_like(rng, base))] for skip in skips]
+    lr32 = [0.01, 0.01, 0.02, 0.02, 0.02, 0.02, 0.03]  # group 0's lr, changed between steps
+
+    # The reference, tensor by tensor, each with its own step count.
+    want = [p.copy() for p in base]
+    bufs = [[np.zeros_like(p) for p in base] for _ in range(3)]
+    counts = [0] * len(base)
+    for gi, lr in zip(grads, lr32):
+        for i, g in enumerate(gi):
+            if g is None:
+                continue
+            counts[i] += 1
+            group32 = i < len(base32)
+            if kind == "adam":
+                reference.adam_step(want[i], g, bufs[0][i], bufs[1][i], step=counts[i], lr=lr if group32 else 0.5,
+                                    amsgrad=not group32, max_exp_avg_sq=None if group32 else bufs[2][i])
+            else:
+                reference.sgd_step(want[i], g, bufs[0][i], step=counts[i], lr=lr if group32 else 0.5, momentum=0.9)
+
+    for isa in fastadam.available_isas():
+        for threads in (1, 2):
+            fastadam.set_isa(isa)
+            fastadam.set_num_threads(threads)
+            params = [p.copy() for p in base]
+            groups = [{"params": params[:len(base32)]}, {"params": params[len(base32):], "lr": 0.5}]
+            if kind == "adam":
+                groups[1]["amsgrad"] = True
+                opt: fastadam.Optimizer = fastadam.Adam(groups, lr=lr32[0])
+            else:
+                opt = fastadam.SGD(groups, lr=lr32[0], momentum=0.9)
+            for gi, lr in zip(grads, lr32):
+                opt.param_groups[0]["lr"] = lr
+                opt.step(gi)
+            for i, (a, b) in enumerate(zip(params, want)):
+                assert same_bits(a, b), (kind, isa, threads, i)
+            if kind == "adam":
+                assert [opt.state[i]["step"] for i in range(len(base))] == counts
+
+
+def test_state_buffers_are_line_aligned_and_at_different_page_offsets():
+    """The optimizer places its own state: every buffer starts on a 64-byte boundary,
+    and a tensor's buffers of different kinds start at different offsets within a 4 KiB
+    page (so the kernel's loads from one are not taken for reloads of stores to another),
+    also after load_state_dict, which copies the loaded arrays."""
+    rng = np.random.default_rng(5)
+    shapes = ((1000,), (3, 4), (70001,), (0,), (5,))
+    params = make_params(rng, shapes)
+    start = [p.copy() for p in params]
+    opt = fastadam.Adam(params, lr=0.01, amsgrad=True)
+    g = grads_like(rng, params)
+
+    def check(o, arrays):
+        for i, p in enumerate(arrays):
+            offsets = []
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                b = o.state[i][k]
+                assert b.shape == p.shape and b.dtype == p.dtype and b.flags.c_contiguous and b.flags.writeable
+                offsets.append(b.ctypes.data % 4096)
+            if p.size == 0:
+                continue  # no element: NumPy may point an empty view anywhere
+            assert all(offset % 64 == 0 for offset in offsets), (i, offsets)
+            for x in range(3):
+                for y in range(x):
+                    d = (offsets[x] - offsets[y]) % 4096
+                    assert min(d, 4096 - d) >= 64, (i, offsets)
+
+    opt.step(g)
+    check(opt, params)
+    sd = opt.state_dict()
+    resumed = [p.copy() for p in params]
+    opt2 = fastadam.Adam(resumed, lr=0.01, amsgrad=True)
+    opt2.load_state_dict(sd)
+    check(opt2, resumed)
+    assert not any(np.shares_memory(opt2.state[0][k], sd["state"][0][k]) for k in ("exp_avg", "exp_avg_sq"))
+    opt.step(g)
+    opt2.step(g)
+    want = reference_adam(start, [g, g], lr=0.01, amsgrad=True)
+    for a, b, c in zip(params, resumed, want):
+        assert same_bits(a, c) and same_bits(b, c)

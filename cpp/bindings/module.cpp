@@ -18,6 +18,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fastadam/fastadam.hpp"
@@ -324,7 +325,7 @@ bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* w
     return needed;
 }
 
-// ----- kernel descriptors, shared by the one-shot calls and StepPlan -------------------
+// ----- kernel descriptors of the one-shot calls (StepPlan keeps its own: Kept) -------
 
 // buffers: param, grad, then the state in slot order (Adam: exp_avg, exp_avg_sq,
 // max_exp_avg_sq; SGD: momentum_buffer); unused state may be null. They fill the
@@ -356,6 +357,10 @@ void kernel(const AdamTensor<float>* t, std::size_t n) { fastadam::adam_step(t, 
 void kernel(const AdamTensor<double>* t, std::size_t n) { fastadam::adam_step(t, n); }
 void kernel(const SgdTensor<float>* t, std::size_t n) { fastadam::sgd_step(t, n); }
 void kernel(const SgdTensor<double>* t, std::size_t n) { fastadam::sgd_step(t, n); }
+template <class T>
+void kernel(const AdamTensor<T>* t, const T* const* grads, const std::int64_t* steps, std::size_t n) { fastadam::adam_step(t, grads, steps, n); }
+template <class T>
+void kernel(const SgdTensor<T>* t, const T* const* grads, const std::int64_t* steps, std::size_t n) { fastadam::sgd_step(t, grads, steps, n); }
 
 // The validated tensors of one step, by dtype; run() releases the GIL once for both.
 template <template <class> class Tensor>
@@ -376,6 +381,62 @@ struct Tensors {
         py::gil_scoped_release release;
         if (!f32.empty()) kernel(f32.data(), f32.size());
         if (!f64.empty()) kernel(f64.data(), f64.size());
+    }
+};
+
+// A plan's descriptors, built once (kernel pointers that do not change between
+// steps) and handed to the kernel with this step's gradients and counts beside them
+// (fastadam.hpp): rewriting 64 bytes per tensor per step moved each descriptor's cache
+// line between cores.
+template <template <class> class Tensor>
+struct Kept {
+    std::vector<Tensor<float>> f32;
+    std::vector<Tensor<double>> f64;
+    std::vector<const float*> grads_f32;
+    std::vector<const double*> grads_f64;
+    std::vector<std::int64_t> steps_f32, steps_f64;
+    bool built = false;
+
+    // Adds tensor i's descriptor; returns its slot among tensors of its dtype.
+    std::uint32_t add(DType dtype, const Tensor<float>& t32, const Tensor<double>& t64) {
+        if (dtype == DType::f32) {
+            f32.push_back(t32);
+            grads_f32.push_back(nullptr);
+            steps_f32.push_back(0);
+            return static_cast<std::uint32_t>(f32.size() - 1);
+        }
+        f64.push_back(t64);
+        grads_f64.push_back(nullptr);
+        steps_f64.push_back(0);
+        return static_cast<std::uint32_t>(f64.size() - 1);
+    }
+    // This step's gradient (nullptr: skip the tensor) and 1-based count for a slot.
+    void set(DType dtype, std::uint32_t slot, const char* grad, std::int64_t step) {
+        if (dtype == DType::f32) {
+            grads_f32[slot] = reinterpret_cast<const float*>(grad);
+            steps_f32[slot] = step;
+        } else {
+            grads_f64[slot] = reinterpret_cast<const double*>(grad);
+            steps_f64[slot] = step;
+        }
+    }
+    // Asks for this step's arrays in writable state ahead of set(): the workers read
+    // them last step, and stores that each wait for a cache line from another core
+    // ran one at a time.
+    void prefetch_for_write() const {
+        prefetch_lines(grads_f32.data(), grads_f32.size() * sizeof(grads_f32[0]));
+        prefetch_lines(steps_f32.data(), steps_f32.size() * sizeof(steps_f32[0]));
+        prefetch_lines(grads_f64.data(), grads_f64.size() * sizeof(grads_f64[0]));
+        prefetch_lines(steps_f64.data(), steps_f64.size() * sizeof(steps_f64[0]));
+    }
+    static void prefetch_lines(const void* data, std::size_t bytes) {
+        const char* p = static_cast<const char*>(data);
+        for (std::size_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 1);
+    }
+    void run() {
+        py::gil_scoped_release release;
+        if (!f32.empty()) kernel(f32.data(), grads_f32.data(), steps_f32.data(), f32.size());
+        if (!f64.empty()) kernel(f64.data(), grads_f64.data(), steps_f64.data(), f64.size());
     }
 };
 
@@ -647,36 +708,46 @@ public:
     void adam_step(py::handle grads, py::handle steps, py::handle hypers_in) {
         const auto hypers = group_hypers<AdamHyperparams>(hypers_in, kAdamKeys, fn_, adam_hyper);
         const Busy busy(busy_, fn_);
-        Tensors<AdamTensor>& tensors = adam_tensors_;
-        tensors.clear();
+        adam_kept_.prefetch_for_write();
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
+        adam_hypers_.assign(hypers.begin(), hypers.end());  // keeps its storage: the group count is fixed
+        if (!adam_kept_.built) build_kept(adam_kept_, adam_hypers_, [](auto& t, const Entry& e, const AdamHyperparams* h) {
+            using T = std::remove_pointer_t<decltype(t.param)>;
+            t.param = reinterpret_cast<T*>(e.param.data);
+            t.exp_avg = reinterpret_cast<T*>(e.state[0]);
+            t.exp_avg_sq = reinterpret_cast<T*>(e.state[1]);
+            t.max_exp_avg_sq = reinterpret_cast<T*>(e.state[2]);  // read only when amsgrad
+            t.hyper = h;
+        });
         for (std::size_t i = 0; i < entries_.size(); ++i) {
-            if (!grad_[i]) continue;
             const Entry& e = entries_[i];
-            const AdamHyperparams* h = &hypers[group_of_[i]];
-            if (!e.state[0] || !e.state[1] || (h->amsgrad && !e.state[2])) throw std::logic_error(fn_ + ": state missing (stale plan)");
-            char* const buffers[5] = {e.param.data, grad_[i], e.state[0], e.state[1], e.state[2]};
-            tensors.add(e.param.dtype, buffers, e.param.size, step_counts[i] + 1, h);
+            if (grad_[i] && (!e.state[0] || !e.state[1] || (adam_hypers_[group_of_[i]].amsgrad && !e.state[2])))
+                throw std::logic_error(fn_ + ": state missing (stale plan)");
+            adam_kept_.set(e.param.dtype, e.slot, grad_[i], step_counts[i] + 1);
         }
-        tensors.run();
+        adam_kept_.run();
         for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
     }
 
     void sgd_step(py::handle grads, py::handle steps, py::handle hypers_in) {
         const auto hypers = group_hypers<SgdHyperparams>(hypers_in, kSgdKeys, fn_, sgd_hyper);
         const Busy busy(busy_, fn_);
-        Tensors<SgdTensor>& tensors = sgd_tensors_;
-        tensors.clear();
+        sgd_kept_.prefetch_for_write();
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
+        sgd_hypers_.assign(hypers.begin(), hypers.end());
+        if (!sgd_kept_.built) build_kept(sgd_kept_, sgd_hypers_, [](auto& t, const Entry& e, const SgdHyperparams* h) {
+            using T = std::remove_pointer_t<decltype(t.param)>;
+            t.param = reinterpret_cast<T*>(e.param.data);
+            t.momentum_buffer = reinterpret_cast<T*>(e.state[0]);  // used only when momentum != 0
+            t.hyper = h;
+        });
         for (std::size_t i = 0; i < entries_.size(); ++i) {
-            if (!grad_[i]) continue;
             const Entry& e = entries_[i];
-            const SgdHyperparams* h = &hypers[group_of_[i]];
-            if (h->momentum != 0.0 && !e.state[0]) throw std::logic_error(fn_ + ": state missing (stale plan)");
-            char* const buffers[3] = {e.param.data, grad_[i], e.state[0]};
-            tensors.add(e.param.dtype, buffers, e.param.size, step_counts[i] == 0, h);
+            if (grad_[i] && sgd_hypers_[group_of_[i]].momentum != 0.0 && !e.state[0])
+                throw std::logic_error(fn_ + ": state missing (stale plan)");
+            sgd_kept_.set(e.param.dtype, e.slot, grad_[i], step_counts[i] + 1);
         }
-        tensors.run();
+        sgd_kept_.run();
         for (std::size_t i = 0; i < entries_.size(); ++i) step_counts[i] += grad_[i] != nullptr;
     }
 
@@ -691,7 +762,27 @@ private:
         // change during the plan's life): fixed gradient buffers skip the search.
         char* checked_grad = nullptr;
         std::int64_t checked_grad_bytes = -1;
+        std::uint32_t slot = 0;  // index among the kept descriptors of its dtype
     };
+
+    // Builds the kept descriptors once; `hypers` must keep its storage afterwards
+    // (the number of groups is fixed for a plan's life).
+    template <class KeptT, class Hyper, class Fill>
+    void build_kept(KeptT& kept, const std::vector<Hyper>& hypers, Fill fill) {
+        using T32 = std::remove_reference_t<decltype(kept.f32[0])>;
+        using T64 = std::remove_reference_t<decltype(kept.f64[0])>;
+        for (std::size_t i = 0; i < entries_.size(); ++i) {
+            Entry& e = entries_[i];
+            T32 t32;
+            T64 t64;
+            const Hyper* h = &hypers[group_of_[i]];
+            if (e.param.dtype == DType::f32) fill(t32, e, h);
+            else fill(t64, e, h);
+            t32.size = t64.size = e.param.size;
+            e.slot = kept.add(e.param.dtype, t32, t64);
+        }
+        kept.built = true;
+    }
 
     // The plan's buffers are reused from step to step and read with the GIL
     // released: a second Python thread stepping the same optimizer meanwhile is refused.
@@ -774,8 +865,10 @@ private:
     std::vector<py::ssize_t> shapes_;
     std::vector<std::size_t> group_of_;
     std::vector<char*> grad_;
-    Tensors<AdamTensor> adam_tensors_{0};
-    Tensors<SgdTensor> sgd_tensors_{0};
+    std::vector<AdamHyperparams> adam_hypers_;
+    std::vector<SgdHyperparams> sgd_hypers_;
+    Kept<AdamTensor> adam_kept_;
+    Kept<SgdTensor> sgd_kept_;
     std::atomic<bool> busy_{false};
 };
 

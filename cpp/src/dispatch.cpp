@@ -129,10 +129,34 @@ int max_threads(int requested) {
 #endif
 }
 
-template <class T>
-std::int64_t first_element_index(const AdamTensor<T>& t) { return static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(t.param) / sizeof(T)); }
-template <class T>
-std::int64_t first_element_index(const SgdTensor<T>& t) { return static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(t.param) / sizeof(T)); }
+// Where for_each_share finds tensor k: a caller's array of descriptors as they are...
+template <class Tensor>
+struct Listed {
+    const Tensor* tensors;
+    std::int64_t size(std::size_t k) const { return tensors[k].size; }
+    const Tensor& at(std::size_t k, Tensor&) const { return tensors[k]; }
+};
+
+void set_step(AdamTensor<float>& t, std::int64_t step) { t.step = step; }
+void set_step(AdamTensor<double>& t, std::int64_t step) { t.step = step; }
+void set_step(SgdTensor<float>& t, std::int64_t step) { t.first_step = step == 1; }
+void set_step(SgdTensor<double>& t, std::int64_t step) { t.first_step = step == 1; }
+
+// ...or descriptors kept from step to step, with this step's gradient and count from
+// two small arrays (fastadam.hpp): the thread that reaches tensor k assembles it.
+template <class Tensor, class T>
+struct Gathered {
+    const Tensor* tensors;
+    const T* const* grads;
+    const std::int64_t* steps;
+    std::int64_t size(std::size_t k) const { return grads[k] != nullptr ? tensors[k].size : 0; }
+    const Tensor& at(std::size_t k, Tensor& scratch) const {
+        scratch = tensors[k];
+        scratch.grad = grads[k];
+        set_step(scratch, steps[k]);
+        return scratch;
+    }
+};
 
 // Runs segment(tensor, scalars, begin, end) on consecutive element ranges of the
 // concatenation of all tensors, split into chunks that the caller and the pool's
@@ -143,26 +167,28 @@ std::int64_t first_element_index(const SgdTensor<T>& t) { return static_cast<std
 // tensor, and reused while consecutive tensors share hyper-parameters and step count
 // (same_scalars): a serial pass over a 1000-tensor model before the parallel part
 // would leave the other cores idle.
-template <class Tensor, class MakeScalars, class SameScalars, class Segment>
-void for_each_share(const Tensor* tensors, std::size_t count, int num_threads, MakeScalars make_scalars,
+template <class Tensor, class Source, class MakeScalars, class SameScalars, class Segment>
+void for_each_share(const Source& source, std::size_t count, int num_threads, MakeScalars make_scalars,
                     SameScalars same_scalars, Segment segment) {
-    using T = typename std::remove_pointer<decltype(tensors->param)>::type;
+    using T = typename std::remove_pointer<decltype(Tensor::param)>::type;
     // Runs `remaining` elements of the concatenation, from element lo of tensor k on.
     auto run_range = [&](std::size_t k, std::int64_t lo, std::int64_t remaining) {
-        const Tensor* last = nullptr;
-        decltype(make_scalars(*tensors)) scalars{};
+        Tensor scratch, last;
+        bool have_last = false;
+        decltype(make_scalars(last)) scalars{};
         for (; k < count && remaining > 0; ++k, lo = 0) {
-            const Tensor& t = tensors[k];
-            const std::int64_t hi = std::min(t.size, lo + remaining);
-            remaining -= hi - lo;
+            const std::int64_t hi = std::min(source.size(k), lo + remaining);
+            remaining -= std::max<std::int64_t>(hi - lo, 0);
             if (lo >= hi) continue;
-            if (last == nullptr || !same_scalars(*last, t)) scalars = make_scalars(t);
-            last = &t;
+            const Tensor& t = source.at(k, scratch);
+            if (!have_last || !same_scalars(last, t)) scalars = make_scalars(t);
+            last = t;
+            have_last = true;
             segment(t, scalars, lo, hi);
         }
     };
     std::int64_t total = 0;
-    for (std::size_t k = 0; k < count; ++k) total += tensors[k].size;
+    for (std::size_t k = 0; k < count; ++k) total += source.size(k);
     const std::int64_t by_size = std::max<std::int64_t>(1, total / kMinElementsPerThread);
     const int threads = static_cast<int>(std::min<std::int64_t>(max_threads(num_threads), by_size));
     if (threads <= 1) {
@@ -176,16 +202,18 @@ void for_each_share(const Tensor* tensors, std::size_t count, int num_threads, M
         return;
     }
     std::vector<std::int64_t> offsets(count + 1, 0);
-    for (std::size_t k = 0; k < count; ++k) offsets[k + 1] = offsets[k] + tensors[k].size;
+    for (std::size_t k = 0; k < count; ++k) offsets[k + 1] = offsets[k] + source.size(k);
     constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
     // Global index where chunk `part` of `parts` starts; monotone in `part` because
     // each chunk is far longer than a cache line.
     auto share_start = [&](int part, int parts) -> std::int64_t {
         if (part >= parts) return total;
         const std::int64_t raw = (total / parts) * part + std::min<std::int64_t>(part, total % parts);
+        // The last tensor starting at or before raw (a skipped tensor has none of its own).
         const std::size_t k = static_cast<std::size_t>(std::upper_bound(offsets.begin(), offsets.end(), raw) - offsets.begin()) - 1;
         const std::int64_t local = raw - offsets[k];
-        const std::int64_t aligned = local - (first_element_index(tensors[k]) + local) % line;
+        const auto first = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(source.tensors[k].param) / sizeof(T));
+        const std::int64_t aligned = local - (first + local) % line;
         return offsets[k] + std::max<std::int64_t>(aligned, 0);
     };
     // Twice as many chunks as threads: a worker that starts late still finds work.
@@ -207,17 +235,17 @@ void for_each_share(const Tensor* tensors, std::size_t count, int num_threads, M
     }, &job);
 }
 
-template <class T>
-void run_adam(const AdamTensor<T>* tensors, std::size_t count, AdamSegmentFn<T> segment, int num_threads) {
-    for_each_share(
-        tensors, count, num_threads, [](const AdamTensor<T>& t) { return adam_scalars<T>(*t.hyper, t.step); },
+template <class T, class Source>
+void run_adam(const Source& source, std::size_t count, AdamSegmentFn<T> segment, int num_threads) {
+    for_each_share<AdamTensor<T>>(
+        source, count, num_threads, [](const AdamTensor<T>& t) { return adam_scalars<T>(*t.hyper, t.step); },
         [](const AdamTensor<T>& a, const AdamTensor<T>& b) { return a.hyper == b.hyper && a.step == b.step; }, segment);
 }
 
-template <class T>
-void run_sgd(const SgdTensor<T>* tensors, std::size_t count, SgdSegmentFn<T> segment, int num_threads) {
-    for_each_share(
-        tensors, count, num_threads, [](const SgdTensor<T>& t) { return sgd_scalars<T>(*t.hyper); },
+template <class T, class Source>
+void run_sgd(const Source& source, std::size_t count, SgdSegmentFn<T> segment, int num_threads) {
+    for_each_share<SgdTensor<T>>(
+        source, count, num_threads, [](const SgdTensor<T>& t) { return sgd_scalars<T>(*t.hyper); },
         [](const SgdTensor<T>& a, const SgdTensor<T>& b) { return a.hyper == b.hyper; }, segment);
 }
 
@@ -287,10 +315,27 @@ bool has_openmp() {
 #endif
 }
 
-void adam_step(const AdamTensor<float>* t, std::size_t n, Isa isa, int threads) { run_adam(t, n, checked_table(isa).adam_f32, threads); }
-void adam_step(const AdamTensor<double>* t, std::size_t n, Isa isa, int threads) { run_adam(t, n, checked_table(isa).adam_f64, threads); }
-void sgd_step(const SgdTensor<float>* t, std::size_t n, Isa isa, int threads) { run_sgd(t, n, checked_table(isa).sgd_f32, threads); }
-void sgd_step(const SgdTensor<double>* t, std::size_t n, Isa isa, int threads) { run_sgd(t, n, checked_table(isa).sgd_f64, threads); }
+void adam_step(const AdamTensor<float>* t, std::size_t n, Isa isa, int threads) { run_adam<float>(Listed<AdamTensor<float>>{t}, n, checked_table(isa).adam_f32, threads); }
+void adam_step(const AdamTensor<double>* t, std::size_t n, Isa isa, int threads) { run_adam<double>(Listed<AdamTensor<double>>{t}, n, checked_table(isa).adam_f64, threads); }
+void sgd_step(const SgdTensor<float>* t, std::size_t n, Isa isa, int threads) { run_sgd<float>(Listed<SgdTensor<float>>{t}, n, checked_table(isa).sgd_f32, threads); }
+void sgd_step(const SgdTensor<double>* t, std::size_t n, Isa isa, int threads) { run_sgd<double>(Listed<SgdTensor<double>>{t}, n, checked_table(isa).sgd_f64, threads); }
+
+namespace {
+int default_threads() { return g_num_threads.load(std::memory_order_relaxed); }
+}  // namespace
+
+void adam_step(const AdamTensor<float>* t, const float* const* grads, const std::int64_t* steps, std::size_t n) {
+    run_adam<float>(Gathered<AdamTensor<float>, float>{t, grads, steps}, n, checked_table(active_isa()).adam_f32, default_threads());
+}
+void adam_step(const AdamTensor<double>* t, const double* const* grads, const std::int64_t* steps, std::size_t n) {
+    run_adam<double>(Gathered<AdamTensor<double>, double>{t, grads, steps}, n, checked_table(active_isa()).adam_f64, default_threads());
+}
+void sgd_step(const SgdTensor<float>* t, const float* const* grads, const std::int64_t* steps, std::size_t n) {
+    run_sgd<float>(Gathered<SgdTensor<float>, float>{t, grads, steps}, n, checked_table(active_isa()).sgd_f32, default_threads());
+}
+void sgd_step(const SgdTensor<double>* t, const double* const* grads, const std::int64_t* steps, std::size_t n) {
+    run_sgd<double>(Gathered<SgdTensor<double>, double>{t, grads, steps}, n, checked_table(active_isa()).sgd_f64, default_threads());
+}
 
 void adam_step(const AdamTensor<float>* t, std::size_t n) { adam_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
 void adam_step(const AdamTensor<double>* t, std::size_t n) { adam_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }

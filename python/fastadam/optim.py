@@ -21,6 +21,33 @@ Params = Sequence[np.ndarray] | Mapping[str, np.ndarray] | Sequence[Mapping[str,
 Grads = Sequence[np.ndarray | None] | Sequence[Sequence[np.ndarray | None]] | Mapping[str, np.ndarray | None]
 
 
+# The state buffers are the optimizer's own, so it places them. All buffers of one
+# kind (exp_avg, ...) created together share one zeroed block, each starting on a
+# 64-byte boundary; the blocks of different kinds start at different offsets within a
+# 4 KiB page. Each numpy.zeros_like of its own had put a tensor's exp_avg and
+# exp_avg_sq at nearly the same offset within a page, and the CPU then takes a load from
+# one for a possible reload of a store to the other ("4K aliasing"): the 1000 x 1000-element
+# step took 15% longer (README, "What limits each size").
+_LINE = 64
+_PAGE = 4096
+_STAGGER = 1088  # 17 cache lines between the page offsets of successive kinds
+
+
+def _zeros_packed(likes: Sequence[np.ndarray], stagger: int) -> list[np.ndarray]:
+    """Zeroed C-contiguous arrays shaped like ``likes``, packed in one block on 64-byte
+    boundaries, the first ``stagger`` bytes past a page boundary."""
+    offsets, total = [], 0
+    for like in likes:
+        offsets.append(total)
+        total += -(-like.nbytes // _LINE) * _LINE
+    raw = np.zeros(total + _PAGE, dtype=np.uint8)
+    base = (stagger - raw.ctypes.data) % _PAGE
+    return [
+        raw[base + offset : base + offset + like.nbytes].view(like.dtype).reshape(like.shape)
+        for like, offset in zip(likes, offsets)
+    ]
+
+
 class Optimizer:
     """Common machinery: param groups, gradient layout, lazily created state, state_dict.
 
@@ -179,7 +206,7 @@ class Optimizer:
         raise NotImplementedError
 
     def _create_state(self, grads: Sequence[np.ndarray | None], needs: list[tuple[str, ...]]) -> list[tuple[str, int]]:
-        created = []
+        missing: dict[str, list[int]] = {key: [] for key in self._state_keys}
         complete = True
         start = 0
         for needed, size in zip(needs, self._group_sizes):
@@ -189,9 +216,15 @@ class Optimizer:
                         if grads[i] is None:
                             complete = False
                             continue
-                        self._buffers[key][i] = np.zeros_like(self._params[i], order="C")
-                        created.append((key, i))
+                        missing[key].append(i)
             start += size
+        created = []
+        for kind, (key, indices) in enumerate(missing.items()):
+            if indices:
+                arrays = _zeros_packed([self._params[i] for i in indices], stagger=(kind + 1) * _STAGGER)
+                for i, array in zip(indices, arrays):
+                    self._buffers[key][i] = array
+                    created.append((key, i))
         self._complete_for = needs if complete else None
         if created:
             self._plan = None
@@ -266,12 +299,12 @@ class Optimizer:
                 elif key in self._state_keys:
                     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
                         value = value.detach().cpu().numpy()
-                    array = np.array(value, dtype=param.dtype, order="C", copy=True)
-                    if array.shape != param.shape:
+                    loaded = np.asarray(value, dtype=param.dtype)
+                    if loaded.shape != param.shape:
                         raise ValueError(
-                            f"{name}: {key} of parameter {saved_index} has shape {array.shape}, the parameter {param.shape}"
+                            f"{name}: {key} of parameter {saved_index} has shape {loaded.shape}, the parameter {param.shape}"
                         )
-                    new_buffers[key][i] = array
+                    new_buffers[key][i] = loaded
                     if not self._counts_steps:
                         new_steps[i] = 1  # a loaded momentum buffer is past its first step
                 else:
@@ -284,6 +317,12 @@ class Optimizer:
                 updated["betas"] = tuple(updated["betas"])
             self._check_group(updated, name)
             new_groups.append(updated)
+        for kind, key in enumerate(self._state_keys):  # copied into the optimizer's own blocks
+            indices = [i for i, a in enumerate(new_buffers[key]) if a is not None]
+            packed = _zeros_packed([self._params[i] for i in indices], stagger=(kind + 1) * _STAGGER)
+            for i, array in zip(indices, packed):
+                array[...] = new_buffers[key][i]
+                new_buffers[key][i] = array
         self.param_groups[:] = new_groups
         self._buffers = new_buffers
         self._steps = new_steps
