@@ -6,6 +6,8 @@
 //   stream/<isa>/threads:<t>/n:<n>               p[i] += a*g[i]; m[i] += b*g[i]; v[i] += c*g[i]
 //   adam_multi/<isa>/threads:<t>/tensors:1000x1000   one adam_step call on 1000 tensors of 1000 elements
 //   stream_multi/<isa>/threads:<t>/tensors:1000x1000 the STREAM-like loop over the same layout
+//   arith/<isa>/one_division, arith/<isa>/two_divisions  the step's square root and division alone,
+//                         in L1, in fastadam's order and in torch's fused kernel's (one thread)
 //
 // Both loops read 4 fp32 arrays and write 3 of them in place: 28 bytes per element,
 // reported as bytes_per_second (and elements as items_per_second). The STREAM-like loop
@@ -26,6 +28,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -203,6 +206,68 @@ StreamFn stream_fn(Isa isa) {
 #endif
     (void)isa;
     return &stream_baseline;
+}
+
+// ----- the arithmetic alone ------------------------------------------------------
+// The square root and division of an Adam step on data that stay in L1, nothing else:
+// in fastadam's order (one division: sqrt(v) * c + eps, c = 1/sqrt(1 - beta2^t)) and in
+// the order of torch's fused CPU kernel (two: sqrt(v) / c + eps), so the compute floor
+// of each is measured on the same machine. Both are exact IEEE operations.
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTADAM_BENCH_SQRT __builtin_sqrtf
+#else
+#define FASTADAM_BENCH_SQRT std::sqrt
+#endif
+#define FASTADAM_ARITH_ARGS                                                                                         \
+    (float* BENCH_RESTRICT out, const float* BENCH_RESTRICT m, const float* BENCH_RESTRICT v, std::int64_t n,     \
+     float step_size, float c, float eps)
+#define FASTADAM_ARITH_ONE                                                                                          \
+    {                                                                                                               \
+        for (std::int64_t i = 0; i < n; ++i) out[i] = step_size * m[i] / (FASTADAM_BENCH_SQRT(v[i]) * c + eps);     \
+    }
+#define FASTADAM_ARITH_TWO                                                                                          \
+    {                                                                                                               \
+        for (std::int64_t i = 0; i < n; ++i) out[i] = step_size * m[i] / (FASTADAM_BENCH_SQRT(v[i]) / c + eps);     \
+    }
+using ArithFn = void (*)(float*, const float*, const float*, std::int64_t, float, float, float);
+
+void arith_one_baseline FASTADAM_ARITH_ARGS FASTADAM_ARITH_ONE
+void arith_two_baseline FASTADAM_ARITH_ARGS FASTADAM_ARITH_TWO
+#if defined(FASTADAM_STREAM_PER_ISA)
+__attribute__((target("avx2"))) void arith_one_avx2 FASTADAM_ARITH_ARGS FASTADAM_ARITH_ONE
+__attribute__((target("avx2"))) void arith_two_avx2 FASTADAM_ARITH_ARGS FASTADAM_ARITH_TWO
+#if defined(__clang__)
+__attribute__((target("avx512f"))) void arith_one_avx512 FASTADAM_ARITH_ARGS FASTADAM_ARITH_ONE
+__attribute__((target("avx512f"))) void arith_two_avx512 FASTADAM_ARITH_ARGS FASTADAM_ARITH_TWO
+#else
+__attribute__((target("avx512f,prefer-vector-width=512"))) void arith_one_avx512 FASTADAM_ARITH_ARGS FASTADAM_ARITH_ONE
+__attribute__((target("avx512f,prefer-vector-width=512"))) void arith_two_avx512 FASTADAM_ARITH_ARGS FASTADAM_ARITH_TWO
+#endif
+#endif
+
+ArithFn arith_fn(Isa isa, bool two_divisions) {
+#if defined(FASTADAM_STREAM_PER_ISA)
+    if (isa == Isa::avx2) return two_divisions ? &arith_two_avx2 : &arith_one_avx2;
+    if (isa == Isa::avx512) return two_divisions ? &arith_two_avx512 : &arith_one_avx512;
+#endif
+    (void)isa;
+    return two_divisions ? &arith_two_baseline : &arith_one_baseline;
+}
+
+void bm_arith(benchmark::State& state, Isa isa, bool two_divisions) {
+    constexpr std::int64_t n = 2048;  // three arrays of 8 KiB: L1-resident
+    std::vector<float> out(n), m(n), v(n);
+    for (std::int64_t i = 0; i < n; ++i) {
+        m[static_cast<std::size_t>(i)] = unit(i, 1u) - 0.5f;
+        v[static_cast<std::size_t>(i)] = 0.01f + unit(i, 2u);
+    }
+    const ArithFn fn = arith_fn(isa, two_divisions);
+    for (auto _ : state) {
+        fn(out.data(), m.data(), v.data(), n, 1e-3f, 1.25f, 1e-8f);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * n);
 }
 
 // The kernel's rule (fastadam::kMinElementsPerThread): one thread for small steps.
@@ -422,6 +487,12 @@ int main(int argc, char** argv) {
                 else
                     benchmark::RegisterBenchmark(name.c_str(), bm_stream_multi, isa, t)->UseRealTime();
             }
+
+    for (Isa isa : isas)
+        for (bool two : {false, true}) {
+            const std::string name = std::string("arith/") + fastadam::isa_name(isa) + (two ? "/two_divisions" : "/one_division");
+            benchmark::RegisterBenchmark(name.c_str(), bm_arith, isa, two);
+        }
 
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();

@@ -173,17 +173,18 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
     using T = typename std::remove_pointer<decltype(Tensor::param)>::type;
     // Runs `remaining` elements of the concatenation, from element lo of tensor k on.
     auto run_range = [&](std::size_t k, std::int64_t lo, std::int64_t remaining) {
-        Tensor scratch, last;
-        bool have_last = false;
-        decltype(make_scalars(last)) scalars{};
+        Tensor scratch[2];  // alternate, so that `last` stays valid when the source assembles tensors
+        int next = 0;
+        const Tensor* last = nullptr;
+        decltype(make_scalars(scratch[0])) scalars{};
         for (; k < count && remaining > 0; ++k, lo = 0) {
             const std::int64_t hi = std::min(source.size(k), lo + remaining);
             remaining -= std::max<std::int64_t>(hi - lo, 0);
             if (lo >= hi) continue;
-            const Tensor& t = source.at(k, scratch);
-            if (!have_last || !same_scalars(last, t)) scalars = make_scalars(t);
-            last = t;
-            have_last = true;
+            const Tensor& t = source.at(k, scratch[next]);
+            next ^= 1;
+            if (last == nullptr || !same_scalars(*last, t)) scalars = make_scalars(t);
+            last = &t;
             segment(t, scalars, lo, hi);
         }
     };
