@@ -4,7 +4,7 @@
 exp_avg_sq, ...) in one zeroed block, each on a 64-byte boundary, the blocks of
 different kinds starting at different offsets within a 4 KiB page. This times
 ``Adam.step`` on one model with that placement and with the same state copied into
-other placements, interleaved (A B C A B C ...), and prints medians and ratios:
+other placements, interleaved (A B C, B C A, C A B, ...), and prints medians and ratios:
 
     python bench/state_layout.py --tensors 1000 --size 1000
     python bench/state_layout.py --gpt2 --rounds 7 --steps 3
@@ -66,8 +66,11 @@ def main() -> None:
         optimizers[name] = opt
 
     samples: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in range(args.rounds):
-        for name, opt in optimizers.items():
+    names = list(optimizers)
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)  # each placement goes first in turn
+        for name in names[shift:] + names[:shift]:
+            opt = optimizers[name]
             for _ in range(max(1, args.steps // 5)):
                 opt.step(grads)  # settle
             t0 = time.perf_counter()

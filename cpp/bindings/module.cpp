@@ -710,7 +710,7 @@ public:
         const Busy busy(busy_, fn_);
         adam_kept_.prefetch_for_write();
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
-        adam_hypers_.assign(hypers.begin(), hypers.end());  // keeps its storage: the group count is fixed
+        std::copy(hypers.begin(), hypers.end(), adam_hypers_.begin());  // in place: the kept descriptors point here
         if (!adam_kept_.built) build_kept(adam_kept_, adam_hypers_, [](auto& t, const Entry& e, const AdamHyperparams* h) {
             using T = std::remove_pointer_t<decltype(t.param)>;
             t.param = reinterpret_cast<T*>(e.param.data);
@@ -734,7 +734,7 @@ public:
         const Busy busy(busy_, fn_);
         sgd_kept_.prefetch_for_write();
         std::int64_t* step_counts = prepare(grads, steps, hypers.size());
-        sgd_hypers_.assign(hypers.begin(), hypers.end());
+        std::copy(hypers.begin(), hypers.end(), sgd_hypers_.begin());
         if (!sgd_kept_.built) build_kept(sgd_kept_, sgd_hypers_, [](auto& t, const Entry& e, const SgdHyperparams* h) {
             using T = std::remove_pointer_t<decltype(t.param)>;
             t.param = reinterpret_cast<T*>(e.param.data);
@@ -769,6 +769,7 @@ private:
     // (the number of groups is fixed for a plan's life).
     template <class KeptT, class Hyper, class Fill>
     void build_kept(KeptT& kept, const std::vector<Hyper>& hypers, Fill fill) {
+        kept = KeptT{};  // nothing left from an attempt that threw
         using T32 = std::remove_reference_t<decltype(kept.f32[0])>;
         using T64 = std::remove_reference_t<decltype(kept.f64[0])>;
         for (std::size_t i = 0; i < entries_.size(); ++i) {
@@ -865,8 +866,10 @@ private:
     std::vector<py::ssize_t> shapes_;
     std::vector<std::size_t> group_of_;
     std::vector<char*> grad_;
-    std::vector<AdamHyperparams> adam_hypers_;
-    std::vector<SgdHyperparams> sgd_hypers_;
+    // One entry per group, sized once (prepare() refuses another group count): the kept
+    // descriptors hold pointers into them.
+    std::vector<AdamHyperparams> adam_hypers_ = std::vector<AdamHyperparams>(n_groups_);
+    std::vector<SgdHyperparams> sgd_hypers_ = std::vector<SgdHyperparams>(n_groups_);
     Kept<AdamTensor> adam_kept_;
     Kept<SgdTensor> sgd_kept_;
     std::atomic<bool> busy_{false};
