@@ -109,6 +109,7 @@ Isa detect_best() {
 
 std::atomic<int> g_isa{-1};          // -1: not chosen yet
 std::atomic<int> g_num_threads{0};   // 0: OpenMP's default
+int default_threads() { return g_num_threads.load(std::memory_order_relaxed); }
 
 Isa active_isa() {
     int isa = g_isa.load(std::memory_order_relaxed);
@@ -137,10 +138,10 @@ struct Listed {
     const Tensor& at(std::size_t k, Tensor&) const { return tensors[k]; }
 };
 
-void set_step(AdamTensor<float>& t, std::int64_t step) { t.step = step; }
-void set_step(AdamTensor<double>& t, std::int64_t step) { t.step = step; }
-void set_step(SgdTensor<float>& t, std::int64_t step) { t.first_step = step == 1; }
-void set_step(SgdTensor<double>& t, std::int64_t step) { t.first_step = step == 1; }
+template <class T>
+void set_step(AdamTensor<T>& t, std::int64_t step) { t.step = step; }
+template <class T>
+void set_step(SgdTensor<T>& t, std::int64_t step) { t.first_step = step == 1; }
 
 // ...or descriptors kept from step to step, with this step's gradient and count from
 // two small arrays (fastadam.hpp): the thread that reaches tensor k assembles it.
@@ -306,7 +307,7 @@ void set_num_threads(int num_threads) {
     g_num_threads.store(num_threads, std::memory_order_relaxed);
 }
 
-int get_num_threads() { return max_threads(g_num_threads.load(std::memory_order_relaxed)); }
+int get_num_threads() { return max_threads(default_threads()); }
 
 bool has_openmp() {
 #if defined(_OPENMP)
@@ -321,10 +322,6 @@ void adam_step(const AdamTensor<double>* t, std::size_t n, Isa isa, int threads)
 void sgd_step(const SgdTensor<float>* t, std::size_t n, Isa isa, int threads) { run_sgd<float>(Listed<SgdTensor<float>>{t}, n, checked_table(isa).sgd_f32, threads); }
 void sgd_step(const SgdTensor<double>* t, std::size_t n, Isa isa, int threads) { run_sgd<double>(Listed<SgdTensor<double>>{t}, n, checked_table(isa).sgd_f64, threads); }
 
-namespace {
-int default_threads() { return g_num_threads.load(std::memory_order_relaxed); }
-}  // namespace
-
 void adam_step(const AdamTensor<float>* t, const float* const* grads, const std::int64_t* steps, std::size_t n) {
     run_adam<float>(Gathered<AdamTensor<float>, float>{t, grads, steps}, n, checked_table(active_isa()).adam_f32, default_threads());
 }
@@ -338,9 +335,9 @@ void sgd_step(const SgdTensor<double>* t, const double* const* grads, const std:
     run_sgd<double>(Gathered<SgdTensor<double>, double>{t, grads, steps}, n, checked_table(active_isa()).sgd_f64, default_threads());
 }
 
-void adam_step(const AdamTensor<float>* t, std::size_t n) { adam_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
-void adam_step(const AdamTensor<double>* t, std::size_t n) { adam_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
-void sgd_step(const SgdTensor<float>* t, std::size_t n) { sgd_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
-void sgd_step(const SgdTensor<double>* t, std::size_t n) { sgd_step(t, n, active_isa(), g_num_threads.load(std::memory_order_relaxed)); }
+void adam_step(const AdamTensor<float>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }
+void adam_step(const AdamTensor<double>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }
+void sgd_step(const SgdTensor<float>* t, std::size_t n) { sgd_step(t, n, active_isa(), default_threads()); }
+void sgd_step(const SgdTensor<double>* t, std::size_t n) { sgd_step(t, n, active_isa(), default_threads()); }
 
 }  // namespace fastadam

@@ -36,6 +36,8 @@ _STAGGER = 1088  # 17 cache lines between the page offsets of successive kinds
 def _zeros_packed(likes: Sequence[np.ndarray], stagger: int) -> list[np.ndarray]:
     """Zeroed C-contiguous arrays shaped like ``likes``, packed in one block on 64-byte
     boundaries, the first ``stagger`` bytes past a page boundary."""
+    if not likes:
+        return []
     offsets, total = [], 0
     for like in likes:
         offsets.append(total)
@@ -220,15 +222,17 @@ class Optimizer:
             start += size
         created = []
         for kind, (key, indices) in enumerate(missing.items()):
-            if indices:
-                arrays = _zeros_packed([self._params[i] for i in indices], stagger=(kind + 1) * _STAGGER)
-                for i, array in zip(indices, arrays):
-                    self._buffers[key][i] = array
-                    created.append((key, i))
+            for i, array in zip(indices, self._zeros_state(kind, indices)):
+                self._buffers[key][i] = array
+                created.append((key, i))
         self._complete_for = needs if complete else None
         if created:
             self._plan = None
         return created
+
+    def _zeros_state(self, kind: int, indices: list[int]) -> list[np.ndarray]:
+        """New zeroed buffers of state kind number ``kind`` for the params at ``indices``."""
+        return _zeros_packed([self._params[i] for i in indices], stagger=(kind + 1) * _STAGGER)
 
     def _native_step(self, grads: Sequence[np.ndarray | None]) -> None:
         # The plan holds the validated params and state; it is rebuilt whenever they change.
@@ -319,8 +323,7 @@ class Optimizer:
             new_groups.append(updated)
         for kind, key in enumerate(self._state_keys):  # copied into the optimizer's own blocks
             indices = [i for i, a in enumerate(new_buffers[key]) if a is not None]
-            packed = _zeros_packed([self._params[i] for i in indices], stagger=(kind + 1) * _STAGGER)
-            for i, array in zip(indices, packed):
+            for i, array in zip(indices, self._zeros_state(kind, indices)):
                 array[...] = new_buffers[key][i]
                 new_buffers[key][i] = array
         self.param_groups[:] = new_groups

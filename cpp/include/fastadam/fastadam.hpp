@@ -69,10 +69,10 @@ void sgd_step(const SgdTensor<double>* tensors, std::size_t count, Isa isa, int 
 
 // For callers that keep their descriptors from step to step (the Python optimizers):
 // tensors[k] with its grad replaced by grads[k] (nullptr: tensor k is skipped) and its
-// step by steps[k] (the 1-based count of this update, >= 1, not checked here; for SGD,
-// steps[k] == 1 means first_step). Rewriting every descriptor before each step cost more than the rest of
-// the step's set-up on a model of 1000 tensors: the workers had read them, so each
-// descriptor's cache line moved between cores.
+// step by steps[k] (the 1-based count of this update, >= 1, not checked here; for
+// SGD, steps[k] == 1 means first_step). Rewriting every descriptor before each step
+// cost more than the rest of the step's set-up on a model of 1000 tensors: the
+// workers had read them, so each descriptor's cache line moved between cores.
 void adam_step(const AdamTensor<float>* tensors, const float* const* grads, const std::int64_t* steps, std::size_t count);
 void adam_step(const AdamTensor<double>* tensors, const double* const* grads, const std::int64_t* steps, std::size_t count);
 void sgd_step(const SgdTensor<float>* tensors, const float* const* grads, const std::int64_t* steps, std::size_t count);
