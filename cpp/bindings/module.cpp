@@ -977,6 +977,20 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     m.def("_check_adam_group", [](py::handle t, const std::string& where) { check_group(t, kAdamKeys, where, adam_hyper); });
     m.def("_check_sgd_group", [](py::handle t, const std::string& where) { check_group(t, kSgdKeys, where, sgd_hyper); });
 
+    // Test hook (tests/test_exact_sqrt.py): the square root of the current path's FMA lanes.
+    m.def("_lane_sqrt", [](const py::array& x, py::array& out, const py::object& estimate) {
+        const auto is_f32 = [&](const py::handle& h, bool writeable) {
+            if (!py::isinstance<py::array>(h)) return false;
+            const auto a = py::reinterpret_borrow<py::array>(h);
+            return a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) && a.size() == x.size() &&
+                   (!writeable || a.writeable());
+        };
+        if (!is_f32(x, false) || !is_f32(out, true) || (!estimate.is_none() && !is_f32(estimate, false)))
+            throw_value("_lane_sqrt(): x, out and estimate must be C-contiguous float32 arrays of one size, out writeable");
+        const float* est = estimate.is_none() ? nullptr : static_cast<const float*>(py::array(estimate).data());
+        fastadam::lane_sqrt(static_cast<const float*>(x.data()), est, static_cast<float*>(out.mutable_data()), x.size(),
+                            fastadam::get_isa());
+    }, py::arg("x"), py::arg("out"), py::arg("estimate") = py::none());
     m.def("available_isas", [] {
         py::list out;
         for (auto isa : fastadam::available_isas()) out.append(fastadam::isa_name(isa));

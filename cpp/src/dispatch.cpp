@@ -335,6 +335,10 @@ void sgd_step(const SgdTensor<double>* t, const double* const* grads, const std:
     run_sgd<double>(Gathered<SgdTensor<double>, double>{t, grads, steps}, n, checked_table(active_isa()).sgd_f64, default_threads());
 }
 
+void lane_sqrt(const float* x, const float* estimate, float* out, std::int64_t n, Isa isa) {
+    checked_table(isa).sqrt_f32(x, estimate, out, n);
+}
+
 void adam_step(const AdamTensor<float>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }
 void adam_step(const AdamTensor<double>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }
 void sgd_step(const SgdTensor<float>* t, std::size_t n) { sgd_step(t, n, active_isa(), default_threads()); }

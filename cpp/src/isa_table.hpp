@@ -17,6 +17,7 @@ struct KernelTable {
     AdamSegmentFn<double> adam_f64;
     SgdSegmentFn<float> sgd_f32;
     SgdSegmentFn<double> sgd_f64;
+    void (*sqrt_f32)(const float* x, const float* estimate, float* out, std::int64_t n);
 };
 
 namespace baseline { extern const KernelTable kernel_table; }

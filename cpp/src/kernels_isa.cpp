@@ -13,6 +13,7 @@ extern const KernelTable kernel_table = {
     &adam_segment<double>,
     &sgd_segment<float>,
     &sgd_segment<double>,
+    &lane_sqrt_f32,
 };
 
 }  // namespace FASTADAM_ISA_NS

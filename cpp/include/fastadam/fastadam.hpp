@@ -78,4 +78,11 @@ void adam_step(const AdamTensor<double>* tensors, const double* const* grads, co
 void sgd_step(const SgdTensor<float>* tensors, const float* const* grads, const std::int64_t* steps, std::size_t count);
 void sgd_step(const SgdTensor<double>* tensors, const double* const* grads, const std::int64_t* steps, std::size_t count);
 
+// The float square root that `isa`'s Adam loops compute without the divide unit
+// (lanes.hpp), over n elements; paths without such lanes take the IEEE square root.
+// With `estimate` (nullable), that replaces the hardware's estimate of 1/sqrt(x),
+// for x in [2^-64, 2^64) only. A test hook: tests/test_exact_sqrt.py checks it
+// against the IEEE square root.
+void lane_sqrt(const float* x, const float* estimate, float* out, std::int64_t n, Isa isa);
+
 }  // namespace fastadam

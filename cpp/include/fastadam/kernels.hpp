@@ -6,14 +6,19 @@
 // baseline path. For the same reason nothing in here calls a std:: inline function
 // (std::sqrt, std::max): at -O0 those become weak symbols shared across targets.
 //
-// The loops are plain C++ that GCC, Clang and MSVC vectorise. Every operation is an
-// IEEE add, multiply, divide, sqrt or max on one element, so a SIMD lane computes the
-// same bits as the scalar tail, as any other target, and as the NumPy reference,
-// provided the translation unit is compiled with -ffp-contract=off (no FMA).
+// The loops are plain C++ that GCC, Clang and MSVC vectorise, plus, on targets with
+// a float vector type in lanes.hpp, the same update written once over lane types.
+// Every operation is an IEEE add, multiply, divide, sqrt or max on one element, so a
+// SIMD lane computes the same bits as the scalar tail, as any other target, and as
+// the NumPy reference, provided the translation unit is compiled with
+// -ffp-contract=off (no FMA contraction). The one deliberate use of FMA, lanes.hpp's
+// square root on the FMA units, returns the IEEE square root's bits for every float.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
+#include "fastadam/lanes.hpp"
 #include "fastadam/types.hpp"
 
 #ifndef FASTADAM_ISA_NS
@@ -29,31 +34,80 @@
 namespace fastadam {
 namespace FASTADAM_ISA_NS {
 
-inline float ieee_sqrt(float x) {
-#if defined(__GNUC__)
-    return __builtin_sqrtf(x);
-#else
-    return sqrtf(x);
-#endif
-}
-inline double ieee_sqrt(double x) {
-#if defined(__GNUC__)
-    return __builtin_sqrt(x);
-#else
-    return sqrt(x);
-#endif
-}
-
-// NaN-propagating maximum, as numpy.maximum and torch.maximum.
-template <class T>
-inline T nan_max(T a, T b) {
-    return (b > a || b != b) ? b : a;
-}
-
 enum class WeightDecay { none, l2, decoupled };
 
 // The documented order of operations (README, fastadam.reference): each line is
-// one IEEE operation on the array dtype T, left to right.
+// one IEEE operation on the array dtype, left to right. V is one element or a SIMD
+// vector of them (lanes.hpp); sqrt gives the IEEE square root of each lane, from the
+// divide unit or, with the same bits, from the FMA units (lanes.hpp).
+template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, class T, class Sqrt>
+inline void adam_update(T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad, T* FASTADAM_RESTRICT exp_avg,
+                        T* FASTADAM_RESTRICT exp_avg_sq, T* FASTADAM_RESTRICT max_exp_avg_sq,
+                        const AdamScalars<V>& c, std::int64_t i, Sqrt sqrt) {
+    using L = Lane<V>;
+    V g = L::load(grad + i);
+    if (MAXIMIZE) g = -g;
+    V p = L::load(param + i);
+    if (WD == WeightDecay::decoupled) p = p * c.decay_factor;
+    if (WD == WeightDecay::l2) g = g + c.weight_decay * p;
+    const V m_prev = L::load(exp_avg + i);
+    const V m = m_prev + c.one_minus_beta1 * (g - m_prev);
+    const V v = L::load(exp_avg_sq + i) * c.beta2 + c.one_minus_beta2 * g * g;
+    L::store(exp_avg + i, m);
+    L::store(exp_avg_sq + i, v);
+    V v_hat = v;
+    if (AMSGRAD) {
+        v_hat = nan_max(L::load(max_exp_avg_sq + i), v);
+        L::store(max_exp_avg_sq + i, v_hat);
+    }
+    const V denom = sqrt(v_hat) * c.inv_bias_correction2_sqrt + c.eps;
+    L::store(param + i, p - c.step_size * m / denom);
+}
+
+template <class V, class T>
+AdamScalars<V> broadcast(const AdamScalars<T>& s) {
+    using L = Lane<V>;
+    return {L::broadcast(s.one_minus_beta1), L::broadcast(s.beta2), L::broadcast(s.one_minus_beta2),
+            L::broadcast(s.weight_decay), L::broadcast(s.decay_factor), L::broadcast(s.step_size),
+            L::broadcast(s.inv_bias_correction2_sqrt), L::broadcast(s.eps)};
+}
+
+#if defined(FASTADAM_HAVE_F32X16)
+// Float vectors, in groups of four: three take the divide unit's square root and one
+// the FMA units' (lanes.hpp). The divide unit bounds the step in cache (it also does
+// the division), the FMA units carry most of the rest, so moving a share of the
+// square roots balances the two. Of the splits measured (divider:FMA 1:1, 2:1, 3:1,
+// 3:2, 5:2, 0:1; fastadam_bench adam/avx512, README) 3:1 and 2:1 were fastest;
+// all-FMA was slower than all-divider. Returns where the scalar loop takes over.
+constexpr int kVectorsPerGroup = 4;
+
+template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
+std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_RESTRICT grad,
+                          float* FASTADAM_RESTRICT exp_avg, float* FASTADAM_RESTRICT exp_avg_sq,
+                          float* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<float>& s, std::int64_t begin,
+                          std::int64_t end) {
+    using L = Lane<F32x16>;
+    const AdamScalars<F32x16> c = broadcast<F32x16>(s);
+    const auto by_divider = [](F32x16 x) { return L::sqrt(x); };
+    const auto by_fma = [](F32x16 x) { return L::sqrt_by_fma(x); };
+    constexpr std::int64_t group = kVectorsPerGroup * L::width;
+    std::int64_t i = begin;
+    if (rounding_to_nearest()) {
+        for (; i + group <= end; i += group) {
+            for (int k = 0; k + 1 < kVectorsPerGroup; ++k)
+                adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                                                            i + k * L::width, by_divider);
+            adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                                                        i + group - L::width, by_fma);
+        }
+    }
+    for (; i + L::width <= end; i += L::width)
+        adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i,
+                                                    by_divider);
+    return i;
+}
+#endif
+
 template <class T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
 void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t begin, std::int64_t end) {
     T* FASTADAM_RESTRICT param = t.param;
@@ -62,23 +116,30 @@ void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t beg
     T* FASTADAM_RESTRICT exp_avg_sq = t.exp_avg_sq;
     T* FASTADAM_RESTRICT max_exp_avg_sq = t.max_exp_avg_sq;
     const AdamScalars<T> c = s;  // local copy: the compiler keeps the scalars in registers
-    for (std::int64_t i = begin; i < end; ++i) {
-        T g = MAXIMIZE ? -grad[i] : grad[i];
-        T p = param[i];
-        if (WD == WeightDecay::decoupled) p = p * c.decay_factor;
-        if (WD == WeightDecay::l2) g = g + c.weight_decay * p;
-        const T m = exp_avg[i] + c.one_minus_beta1 * (g - exp_avg[i]);
-        const T v = exp_avg_sq[i] * c.beta2 + c.one_minus_beta2 * g * g;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-        T v_hat = v;
-        if (AMSGRAD) {
-            v_hat = nan_max(max_exp_avg_sq[i], v);
-            max_exp_avg_sq[i] = v_hat;
-        }
-        const T denom = ieee_sqrt(v_hat) * c.inv_bias_correction2_sqrt + c.eps;
-        param[i] = p - c.step_size * m / denom;
+    std::int64_t i = begin;
+#if defined(FASTADAM_HAVE_F32X16)
+    if constexpr (std::is_same<T, float>::value)
+        i = adam_vectors<WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, begin, end);
+#endif
+    const auto sqrt = [](T x) { return Lane<T>::sqrt(x); };
+    for (; i < end; ++i)
+        adam_update<T, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt);
+}
+
+// The square root of the float loops' FMA lanes, over n elements: a test hook
+// (tests/test_exact_sqrt.py). With `estimate`, that replaces rsqrt14's estimate, for
+// x in [2^-64, 2^64) only. Targets without those lanes take the IEEE square root.
+inline void lane_sqrt_f32(const float* x, const float* estimate, float* out, std::int64_t n) {
+    std::int64_t i = 0;
+#if defined(FASTADAM_HAVE_F32X16)
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xi = _mm512_loadu_ps(x + i);
+        _mm512_storeu_ps(out + i, estimate ? sqrt_from_estimate(xi, _mm512_loadu_ps(estimate + i))
+                                           : exact_sqrt_by_fma({xi}).r);
     }
+#endif
+    (void)estimate;
+    for (; i < n; ++i) out[i] = ieee_sqrt(x[i]);
 }
 
 template <class T, WeightDecay WD, bool AMSGRAD>

@@ -1,0 +1,126 @@
+// fastadam: what one step of the loops in kernels.hpp operates on. A lane type V is
+// either one element (float, double) or, where the target has one, a SIMD vector
+// of float (F32x16, AVX-512). Lane<V> gives its loads, stores and square roots; V's
+// own operators are IEEE add, subtract, multiply, divide, one rounding each, so a
+// vector lane computes the bits of the scalar code.
+//
+// Like kernels.hpp, this is compiled once per SIMD target inside the per-target
+// namespace fastadam::FASTADAM_ISA_NS.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define FASTADAM_HAVE_F32X16 1
+#endif
+
+#ifndef FASTADAM_ISA_NS
+#define FASTADAM_ISA_NS generic
+#endif
+
+namespace fastadam {
+namespace FASTADAM_ISA_NS {
+
+inline float ieee_sqrt(float x) {
+#if defined(__GNUC__)
+    return __builtin_sqrtf(x);
+#else
+    return sqrtf(x);
+#endif
+}
+inline double ieee_sqrt(double x) {
+#if defined(__GNUC__)
+    return __builtin_sqrt(x);
+#else
+    return sqrt(x);
+#endif
+}
+
+// NaN-propagating maximum, as numpy.maximum and torch.maximum.
+template <class T>
+inline T nan_max(T a, T b) {
+    return (b > a || b != b) ? b : a;
+}
+
+// One element. The loops over scalar lanes are what the compiler auto-vectorises.
+template <class T>
+struct Lane {
+    static T load(const T* p) { return *p; }
+    static void store(T* p, T x) { *p = x; }
+    static T broadcast(T x) { return x; }
+    static T sqrt(T x) { return ieee_sqrt(x); }
+};
+
+#if defined(FASTADAM_HAVE_F32X16)
+// Sixteen floats in one AVX-512 register.
+struct F32x16 {
+    __m512 r;
+};
+inline F32x16 operator+(F32x16 a, F32x16 b) { return {_mm512_add_ps(a.r, b.r)}; }
+inline F32x16 operator-(F32x16 a, F32x16 b) { return {_mm512_sub_ps(a.r, b.r)}; }
+inline F32x16 operator*(F32x16 a, F32x16 b) { return {_mm512_mul_ps(a.r, b.r)}; }
+inline F32x16 operator/(F32x16 a, F32x16 b) { return {_mm512_div_ps(a.r, b.r)}; }
+// IEEE negation flips the sign bit only (AVX-512F has no floating-point xor).
+inline F32x16 operator-(F32x16 a) {
+    return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.r), _mm512_set1_epi32(INT32_MIN)))};
+}
+inline F32x16 nan_max(F32x16 a, F32x16 b) {
+    const __mmask16 take_b = _mm512_cmp_ps_mask(b.r, a.r, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b.r, b.r, _CMP_UNORD_Q);
+    return {_mm512_mask_blend_ps(take_b, a.r, b.r)};
+}
+
+// The correctly rounded square root without the divide unit, for x in [2^-64, 2^64).
+// A float square root and a float division share one execution unit, which bounds
+// an in-cache Adam step; this sequence runs on the FMA units instead. From
+// rsqrt14's estimate y ~ 1/sqrt(x) (relative error < 2^-14): one Goldschmidt
+// iteration refines g ~ sqrt(x) and h ~ 1/(2 sqrt(x)) to about 2^-28, then the
+// exact remainder d = x - g*g (one FMA, exact as g is that close) gives the
+// correctly rounded g + d*h. Checked bit for bit against the IEEE square root for
+// every non-negative float, and for estimates anywhere within 3 * 2^-14 of 1/sqrt(x)
+// (the ISA bounds rsqrt14's error, CPU makers' bits differ) on [1, 4), which stands
+// for the whole range: scaling x by 4 scales every intermediate exactly
+// (tests/test_exact_sqrt.py). The range keeps every intermediate, d included, zero
+// or a normal float. It assumes round-to-nearest: the caller checks.
+inline __m512 sqrt_from_estimate(__m512 x, __m512 y) {
+    const __m512 half = _mm512_set1_ps(0.5f);
+    __m512 g = _mm512_mul_ps(x, y);
+    __m512 h = _mm512_mul_ps(half, y);
+    const __m512 r = _mm512_fnmadd_ps(g, h, half);
+    g = _mm512_fmadd_ps(g, r, g);
+    h = _mm512_fmadd_ps(h, r, h);
+    const __m512 d = _mm512_fnmadd_ps(g, g, x);
+    return _mm512_fmadd_ps(d, h, g);
+}
+inline __m512 sqrt_by_fma(__m512 x) { return sqrt_from_estimate(x, _mm512_rsqrt14_ps(x)); }
+
+// Lanes outside [2^-64, 2^64) (zero, subnormal, huge, infinite, negative, NaN) take
+// the IEEE square root instead; the test is one unsigned compare of the bit patterns.
+inline F32x16 exact_sqrt_by_fma(F32x16 x) {
+    const __m512i bits = _mm512_castps_si512(x.r);
+    constexpr int lowest = (127 - 64) << 23, past_highest = (127 + 64) << 23;
+    const __mmask16 in_range = _mm512_cmp_epu32_mask(_mm512_sub_epi32(bits, _mm512_set1_epi32(lowest)),
+                                                     _mm512_set1_epi32(past_highest - lowest), _MM_CMPINT_LT);
+    __m512 s = sqrt_by_fma(x.r);
+    if (in_range != 0xFFFF) s = _mm512_mask_sqrt_ps(s, static_cast<__mmask16>(~in_range), x.r);
+    return {s};
+}
+
+// sqrt_by_fma's results are those of the IEEE square root only when rounding to
+// nearest, the default that NumPy and every compiler assume; under any other
+// MXCSR rounding mode the loops keep to the divide unit's square root.
+inline bool rounding_to_nearest() { return (_mm_getcsr() & 0x6000u) == 0; }
+
+template <>
+struct Lane<F32x16> {
+    static constexpr int width = 16;
+    static F32x16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+    static void store(float* p, F32x16 x) { _mm512_storeu_ps(p, x.r); }
+    static F32x16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
+    static F32x16 sqrt(F32x16 x) { return {_mm512_sqrt_ps(x.r)}; }
+    static F32x16 sqrt_by_fma(F32x16 x) { return exact_sqrt_by_fma(x); }
+};
+#endif
+
+}  // namespace FASTADAM_ISA_NS
+}  // namespace fastadam

@@ -1,0 +1,178 @@
+"""The AVX-512 float loops take some square roots on the FMA units (cpp/include/fastadam/lanes.hpp).
+Those must be the IEEE square root, bit for bit, for every input."""
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import fastadam
+from fastadam import _core, reference
+
+CHUNK = 1 << 24
+
+
+# conftest.py restores the path after each test.
+@pytest.fixture(params=fastadam.available_isas())
+def isa(request):
+    fastadam.set_isa(request.param)
+    return request.param
+
+
+# Where AVX-512 is missing, the FMA square root is not used (and CI fails below).
+needs_avx512 = pytest.mark.skipif(
+    "avx512" not in fastadam.available_isas(), reason="this CPU has no AVX-512: the FMA square root is not used here"
+)
+
+
+@pytest.fixture
+def avx512():
+    fastadam.set_isa("avx512")
+
+
+def test_ci_machine_has_the_fma_square_root():
+    # Where AVX-512 is missing these tests only see the IEEE square root; CI must not
+    # pass that off as having checked the FMA one.
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        assert "avx512" in fastadam.available_isas(), "CI must run on an AVX-512 machine to check lanes.hpp"
+    elif "avx512" not in fastadam.available_isas():
+        pytest.skip("this CPU has no AVX-512: the FMA square root is not used here")
+
+
+def lane_sqrt_bits(x, estimate=None):
+    out = np.empty_like(x)
+    _core._lane_sqrt(x, out, estimate)
+    return out.view(np.uint32)
+
+
+def ieee_sqrt_bits(x):
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(x).view(np.uint32)
+
+
+@needs_avx512
+def test_every_non_negative_float(avx512):
+    # All 2^31 bit patterns with the sign bit clear: zero, subnormals, the FMA range
+    # [2^-64, 2^64) and its edges, huge values, infinity and every NaN payload.
+    offsets = np.arange(CHUNK, dtype=np.uint32)
+    bits = np.empty_like(offsets)
+    for start in range(0, 1 << 31, CHUNK):
+        np.add(offsets, np.uint32(start), out=bits)
+        x = bits.view(np.float32)
+        got, want = lane_sqrt_bits(x), ieee_sqrt_bits(x)
+        bad = np.flatnonzero(got != want)
+        assert bad.size == 0, f"sqrt({x[bad[0]]!r}) bits {got[bad[0]]:08x}, IEEE {want[bad[0]]:08x}"
+
+
+def test_negative_floats(isa):
+    # Every 1021st pattern with the sign bit set (-0, negative subnormals and normals, -inf, NaNs).
+    bits = np.arange(1 << 31, 1 << 32, 1021, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    assert np.array_equal(lane_sqrt_bits(x), ieee_sqrt_bits(x))
+
+
+@needs_avx512
+def test_any_estimate_within_the_hardware_bound_gives_the_ieee_root(avx512):
+    # The sequence starts from vrsqrt14ps, whose estimates the ISA bounds (relative error
+    # < 2^-14) but does not fix: Intel and AMD CPUs may differ. Here every estimate is
+    # 1/sqrt(x) off by k * 2^-14, up to three times the bound, for every float in
+    # [1, 4). Scaling x by 4^j scales every intermediate by an exact power of two, so
+    # [1, 4) stands for the whole range [2^-64, 2^64) the sequence is used on.
+    lo, hi = np.float32(1.0).view(np.uint32), np.float32(4.0).view(np.uint32)
+    x = np.arange(lo, hi, dtype=np.uint32).view(np.float32)
+    want = ieee_sqrt_bits(x)
+    inverse_root = 1.0 / np.sqrt(x.astype(np.float64))
+    for k in (-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0):
+        estimate = (inverse_root * (1.0 + k * 2.0**-14)).astype(np.float32)
+        got = lane_sqrt_bits(x, estimate)
+        bad = np.flatnonzero(got != want)
+        assert bad.size == 0, f"k={k}: sqrt({x[bad[0]]!r}) bits {got[bad[0]]:08x}, IEEE {want[bad[0]]:08x}"
+
+
+@needs_avx512
+def test_estimates_far_outside_the_bound_are_caught(avx512):
+    # The check above can fail: with estimates 16 * 2^-14 off, the one refinement step is
+    # not enough and some roots come out wrong.
+    x = np.arange(np.float32(1.0).view(np.uint32), np.float32(4.0).view(np.uint32), dtype=np.uint32).view(np.float32)
+    estimate = (1.0 / np.sqrt(x.astype(np.float64)) * (1.0 + 16 * 2.0**-14)).astype(np.float32)
+    assert np.count_nonzero(lane_sqrt_bits(x, estimate) != ieee_sqrt_bits(x)) > 0
+
+
+def test_adam_with_special_second_moments_in_one_vector_group():
+    # The FMA root takes one vector in four; lanes outside [2^-64, 2^64) fall back to the
+    # divide unit. Every fourth vector here holds zeros, subnormals, range edges, huge
+    # values, inf and NaN, so the fallback is taken in groups that also take the FMA path.
+    specials = np.array(
+        [0.0, 1e-45, 1e-40, 2.0**-64, np.nextafter(np.float32(2.0**-64), np.float32(0)), 2.0**64,
+         np.nextafter(np.float32(2.0**64), np.float32(0)), 3e38, np.inf, np.nan, 1.0, 0.25, 1e-20, 1e20, 5e-39, 7.0],
+        dtype=np.float32,
+    )
+    n = 64 * 8 + 5
+    rng = np.random.default_rng(3)
+    for isa in fastadam.available_isas():
+        fastadam.set_isa(isa)
+        exp_avg_sq = (rng.random(n) * 1e-4).astype(np.float32)
+        for group in range(0, n - 63, 64):
+            exp_avg_sq[group + 48 : group + 64] = np.roll(specials, group // 64)
+        param = rng.standard_normal(n).astype(np.float32)
+        exp_avg = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+        grad = np.where(np.arange(n) % 7 == 0, 0.0, rng.standard_normal(n) * 1e-3).astype(np.float32)
+        want = [param.copy(), exp_avg.copy(), exp_avg_sq.copy()]
+        got = [param.copy(), exp_avg.copy(), exp_avg_sq.copy()]
+        kwargs = dict(step=10**6, lr=1e-3, betas=(0.9, 0.999), eps=0.0)  # eps 0: v = 0 gives inf/NaN in both
+        with np.errstate(all="ignore"):
+            reference.adam_step(want[0], grad, want[1], want[2], **kwargs)
+            fastadam.adam_step(got[0], grad, got[1], got[2], **kwargs)
+        for name, g, w in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
+            nan = np.isnan(w)
+            assert np.array_equal(np.isnan(g), nan), f"{isa} {name}: NaN positions differ"
+            assert np.array_equal(np.where(nan, 0, g).view(np.uint32), np.where(nan, 0, w).astype(np.float32).view(np.uint32)), (
+                f"{isa} {name} differs from the reference"
+            )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets the rounding mode through glibc's fesetround")
+def test_other_rounding_modes_keep_every_path_equal_to_the_reference():
+    # The FMA square root is the IEEE one only when rounding to nearest; under another
+    # MXCSR rounding mode the loops keep to the divide unit's root (lanes.hpp,
+    # rounding_to_nearest). The roots of max_exp_avg_sq below are ones the FMA sequence
+    # gets wrong in that mode (found with the unguarded test hook), so a step that
+    # took it would differ from the reference. The mode is per thread, so the step
+    # stays below the threading threshold.
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    modes = {"downward": 0x400, "upward": 0x800, "toward_zero": 0xC00}  # <fenv.h> on x86-64
+    x = np.arange(np.float32(1.0).view(np.uint32), np.float32(4.0).view(np.uint32), dtype=np.uint32).view(np.float32)
+    rng = np.random.default_rng(5)
+    n = 4096 + 7
+    for mode, value in modes.items():
+        assert libm.fesetround(value) == 0
+        try:
+            wrong = x[lane_sqrt_bits(x) != ieee_sqrt_bits(x)] if "avx512" in fastadam.available_isas() else x[:0]
+        finally:
+            libm.fesetround(0)
+        if "avx512" in fastadam.available_isas():
+            assert wrong.size > 100, f"{mode}: the FMA root is right for all of [1, 4): this test checks nothing"
+            max_exp_avg_sq = np.resize(wrong, n)
+        else:
+            max_exp_avg_sq = rng.random(n).astype(np.float32)
+        # param starts at 0, so the update's last bit, and with it the root's, shows in param.
+        start = [np.zeros(n), rng.standard_normal(n) * 1e-2, rng.random(n) * 1e-4, max_exp_avg_sq]
+        grad = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+        results = {}
+        for isa in (*fastadam.available_isas(), "reference"):
+            state = [a.astype(np.float32) for a in start]
+            step = reference.adam_step if isa == "reference" else fastadam.adam_step
+            if isa != "reference":
+                fastadam.set_isa(isa)
+            assert libm.fesetround(value) == 0
+            try:
+                step(state[0], grad, state[1], state[2], max_exp_avg_sq=state[3], amsgrad=True, step=3, lr=1e-3)
+            finally:
+                libm.fesetround(0)
+            results[isa] = state
+        for isa in fastadam.available_isas():
+            for name, got, want in zip(("param", "exp_avg", "exp_avg_sq"), results[isa], results["reference"]):
+                assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"{mode} {isa} {name}"
