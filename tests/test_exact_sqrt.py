@@ -22,7 +22,8 @@ def isa(request):
     return request.param
 
 
-# Where AVX-512 is missing, the FMA square root is not used (and CI fails below).
+# Where AVX-512 is missing, the FMA square root is not used; .ci/run sets
+# FASTADAM_REQUIRE_AVX512=1 so that these tests cannot be skipped there.
 needs_avx512 = pytest.mark.skipif(
     "avx512" not in fastadam.available_isas(), reason="this CPU has no AVX-512: the FMA square root is not used here"
 )
@@ -34,10 +35,8 @@ def avx512():
 
 
 def test_ci_machine_has_the_fma_square_root():
-    # Where AVX-512 is missing these tests only see the IEEE square root; CI must not
-    # pass that off as having checked the FMA one.
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        assert "avx512" in fastadam.available_isas(), "CI must run on an AVX-512 machine to check lanes.hpp"
+    if os.environ.get("FASTADAM_REQUIRE_AVX512") == "1":
+        assert "avx512" in fastadam.available_isas(), "FASTADAM_REQUIRE_AVX512=1 but this CPU has no AVX-512"
     elif "avx512" not in fastadam.available_isas():
         pytest.skip("this CPU has no AVX-512: the FMA square root is not used here")
 
@@ -77,19 +76,23 @@ def test_negative_floats(isa):
 @needs_avx512
 def test_any_estimate_within_the_hardware_bound_gives_the_ieee_root(avx512):
     # The sequence starts from vrsqrt14ps, whose estimates the ISA bounds (relative error
-    # < 2^-14) but does not fix: Intel and AMD CPUs may differ. Here every estimate is
-    # 1/sqrt(x) off by k * 2^-14, up to three times the bound, for every float in
-    # [1, 4). Scaling x by 4^j scales every intermediate by an exact power of two, so
-    # [1, 4) stands for the whole range [2^-64, 2^64) the sequence is used on.
+    # < 2^-14) but does not fix: Intel and AMD CPUs may differ. Here the estimates are
+    # 1/sqrt(x) off by k * 2^-14, for fixed k up to three times the bound and for
+    # independent random k in [-3, 3] per element, for every float in [1, 4). Scaling
+    # x by 4^j scales every intermediate by an exact power of two, so [1, 4) stands for
+    # the whole range [2^-64, 2^64) the sequence is used on.
     lo, hi = np.float32(1.0).view(np.uint32), np.float32(4.0).view(np.uint32)
     x = np.arange(lo, hi, dtype=np.uint32).view(np.float32)
     want = ieee_sqrt_bits(x)
     inverse_root = 1.0 / np.sqrt(x.astype(np.float64))
-    for k in (-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0):
+    rng = np.random.default_rng(11)
+    offsets = [-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0, rng.uniform(-3, 3, x.size), rng.uniform(-3, 3, x.size)]
+    for k in offsets:
         estimate = (inverse_root * (1.0 + k * 2.0**-14)).astype(np.float32)
         got = lane_sqrt_bits(x, estimate)
         bad = np.flatnonzero(got != want)
-        assert bad.size == 0, f"k={k}: sqrt({x[bad[0]]!r}) bits {got[bad[0]]:08x}, IEEE {want[bad[0]]:08x}"
+        name = f"k={k}" if np.isscalar(k) else "random k"
+        assert bad.size == 0, f"{name}: sqrt({x[bad[0]]!r}) bits {got[bad[0]]:08x}, IEEE {want[bad[0]]:08x}"
 
 
 @needs_avx512
@@ -101,37 +104,64 @@ def test_estimates_far_outside_the_bound_are_caught(avx512):
     assert np.count_nonzero(lane_sqrt_bits(x, estimate) != ieee_sqrt_bits(x)) > 0
 
 
-def test_adam_with_special_second_moments_in_one_vector_group():
-    # The FMA root takes one vector in four; lanes outside [2^-64, 2^64) fall back to the
-    # divide unit. Every fourth vector here holds zeros, subnormals, range edges, huge
-    # values, inf and NaN, so the fallback is taken in groups that also take the FMA path.
-    specials = np.array(
-        [0.0, 1e-45, 1e-40, 2.0**-64, np.nextafter(np.float32(2.0**-64), np.float32(0)), 2.0**64,
-         np.nextafter(np.float32(2.0**64), np.float32(0)), 3e38, np.inf, np.nan, 1.0, 0.25, 1e-20, 1e20, 5e-39, 7.0],
-        dtype=np.float32,
-    )
-    n = 64 * 8 + 5
-    rng = np.random.default_rng(3)
+SPECIALS = np.array(
+    [0.0, 1e-45, 1e-40, 2.0**-64, np.nextafter(np.float32(2.0**-64), np.float32(0)), 2.0**64,
+     np.nextafter(np.float32(2.0**64), np.float32(0)), 3e38, np.inf, np.nan, 1.0, 0.25, 1e-20, 1e20, 5e-39, 7.0],
+    dtype=np.float32,
+)
+
+
+def special_step_inputs(rng, n):
+    """An amsgrad step whose max_exp_avg_sq, and so whose square-root argument, is exactly
+    SPECIALS (rotated) in the last vector of every 64-element group: there grad and
+    exp_avg_sq are 0, so v = 0 and maximum(max_exp_avg_sq, v) = max_exp_avg_sq. The
+    FMA root takes one vector in four, so each special value meets both paths."""
+    param = rng.standard_normal(n).astype(np.float32)
+    exp_avg = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+    exp_avg_sq = (rng.random(n) * 1e-4).astype(np.float32)
+    max_exp_avg_sq = (rng.random(n) * 1e-4).astype(np.float32)
+    grad = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    for group in range(0, n - 63, 64):
+        special = slice(group + 48, group + 64)
+        max_exp_avg_sq[special] = np.roll(SPECIALS, group // 64)
+        grad[special] = 0.0
+        exp_avg_sq[special] = 0.0
+    return param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def test_adam_with_special_second_moments_in_every_vector_group():
+    n = 64 * 16 + 5
+    kwargs = dict(step=10**6, lr=1e-3, betas=(0.9, 0.999), eps=0.0, amsgrad=True)  # eps 0: v = 0 gives inf/NaN in both
     for isa in fastadam.available_isas():
         fastadam.set_isa(isa)
-        exp_avg_sq = (rng.random(n) * 1e-4).astype(np.float32)
-        for group in range(0, n - 63, 64):
-            exp_avg_sq[group + 48 : group + 64] = np.roll(specials, group // 64)
-        param = rng.standard_normal(n).astype(np.float32)
-        exp_avg = (rng.standard_normal(n) * 1e-2).astype(np.float32)
-        grad = np.where(np.arange(n) % 7 == 0, 0.0, rng.standard_normal(n) * 1e-3).astype(np.float32)
-        want = [param.copy(), exp_avg.copy(), exp_avg_sq.copy()]
-        got = [param.copy(), exp_avg.copy(), exp_avg_sq.copy()]
-        kwargs = dict(step=10**6, lr=1e-3, betas=(0.9, 0.999), eps=0.0)  # eps 0: v = 0 gives inf/NaN in both
+        param, grad, *state = special_step_inputs(np.random.default_rng(3), n)
+        want, got = [param.copy(), *(a.copy() for a in state)], [param.copy(), *(a.copy() for a in state)]
         with np.errstate(all="ignore"):
-            reference.adam_step(want[0], grad, want[1], want[2], **kwargs)
-            fastadam.adam_step(got[0], grad, got[1], got[2], **kwargs)
-        for name, g, w in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
+            reference.adam_step(want[0], grad, want[1], want[2], max_exp_avg_sq=want[3], **kwargs)
+            fastadam.adam_step(got[0], grad, got[1], got[2], max_exp_avg_sq=got[3], **kwargs)
+        for name, g, w in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), got, want):
             nan = np.isnan(w)
             assert np.array_equal(np.isnan(g), nan), f"{isa} {name}: NaN positions differ"
             assert np.array_equal(np.where(nan, 0, g).view(np.uint32), np.where(nan, 0, w).astype(np.float32).view(np.uint32)), (
                 f"{isa} {name} differs from the reference"
             )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the exception flags through glibc")
+def test_no_invalid_operation_flag_where_the_ieee_root_raises_none():
+    # sqrt(0), sqrt(inf) and the rest of a step on finite data raise no invalid-operation
+    # flag; the FMA sequence must not either (on 0 or inf it would compute 0 * inf).
+    # With eps > 0 and no NaN or inf among the inputs, no path has an invalid operation.
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    fe_invalid = 0x01  # <fenv.h> on x86-64
+    n = 64 * 16 + 5
+    for isa in fastadam.available_isas():
+        fastadam.set_isa(isa)
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = special_step_inputs(np.random.default_rng(4), n)
+        max_exp_avg_sq[~np.isfinite(max_exp_avg_sq)] = 0.0
+        assert libm.feclearexcept(fe_invalid) == 0
+        fastadam.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq, amsgrad=True, step=3, lr=1e-3)
+        assert libm.fetestexcept(fe_invalid) == 0, f"{isa}: a step on finite data raised the invalid-operation flag"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets the rounding mode through glibc's fesetround")

@@ -73,13 +73,22 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
 }
 
 #if defined(FASTADAM_HAVE_F32X16)
-// Float vectors, in groups of four: three take the divide unit's square root and one
-// the FMA units' (lanes.hpp). The divide unit bounds the step in cache (it also does
-// the division), the FMA units carry most of the rest, so moving a share of the
-// square roots balances the two. Of the splits measured (divider:FMA 1:1, 2:1, 3:1,
-// 3:2, 5:2, 0:1; fastadam_bench adam/avx512, README) 3:1 and 2:1 were fastest;
-// all-FMA was slower than all-divider. Returns where the scalar loop takes over.
-constexpr int kVectorsPerGroup = 4;
+// Float vectors in groups: FASTADAM_DIVIDER_VECTORS take the divide unit's square
+// root, then FASTADAM_FMA_VECTORS the FMA units' (lanes.hpp). The divide unit bounds
+// the step in cache (it also does the division), the FMA units carry most of the
+// rest, so moving a share of the square roots balances the two. On this project's
+// Zen 4 machine 3:1 and 2:1 were fastest of the splits measured (README); FMA only
+// was slower than divider only. Other CPUs may prefer another split: both are
+// build-time settings (-DFASTADAM_DIVIDER_VECTORS=2 ...). Returns where the scalar
+// loop takes over.
+#ifndef FASTADAM_DIVIDER_VECTORS
+#define FASTADAM_DIVIDER_VECTORS 3
+#endif
+#ifndef FASTADAM_FMA_VECTORS
+#define FASTADAM_FMA_VECTORS 1
+#endif
+constexpr int kDividerVectors = FASTADAM_DIVIDER_VECTORS, kFmaVectors = FASTADAM_FMA_VECTORS;
+static_assert(kDividerVectors >= 0 && kFmaVectors >= 0 && kDividerVectors + kFmaVectors > 0, "empty vector group");
 
 template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
 std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_RESTRICT grad,
@@ -90,15 +99,16 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     const AdamScalars<F32x16> c = broadcast<F32x16>(s);
     const auto by_divider = [](F32x16 x) { return L::sqrt(x); };
     const auto by_fma = [](F32x16 x) { return L::sqrt_by_fma(x); };
-    constexpr std::int64_t group = kVectorsPerGroup * L::width;
+    constexpr std::int64_t group = (kDividerVectors + kFmaVectors) * L::width;
     std::int64_t i = begin;
     if (rounding_to_nearest()) {
         for (; i + group <= end; i += group) {
-            for (int k = 0; k + 1 < kVectorsPerGroup; ++k)
+            for (int k = 0; k < kDividerVectors; ++k)
                 adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
                                                             i + k * L::width, by_divider);
-            adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
-                                                        i + group - L::width, by_fma);
+            for (int k = kDividerVectors; k < kDividerVectors + kFmaVectors; ++k)
+                adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                                                            i + k * L::width, by_fma);
         }
     }
     for (; i + L::width <= end; i += L::width)

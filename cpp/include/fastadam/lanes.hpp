@@ -96,12 +96,15 @@ inline __m512 sqrt_by_fma(__m512 x) { return sqrt_from_estimate(x, _mm512_rsqrt1
 
 // Lanes outside [2^-64, 2^64) (zero, subnormal, huge, infinite, negative, NaN) take
 // the IEEE square root instead; the test is one unsigned compare of the bit patterns.
+// The FMA sequence sees 1 in those lanes: on 0 or inf it would compute 0 * inf and
+// raise the invalid-operation flag (a trap, if the program enabled it), which the
+// IEEE square root of those values does not.
 inline F32x16 exact_sqrt_by_fma(F32x16 x) {
     const __m512i bits = _mm512_castps_si512(x.r);
     constexpr int lowest = (127 - 64) << 23, past_highest = (127 + 64) << 23;
     const __mmask16 in_range = _mm512_cmp_epu32_mask(_mm512_sub_epi32(bits, _mm512_set1_epi32(lowest)),
                                                      _mm512_set1_epi32(past_highest - lowest), _MM_CMPINT_LT);
-    __m512 s = sqrt_by_fma(x.r);
+    __m512 s = sqrt_by_fma(_mm512_mask_blend_ps(in_range, _mm512_set1_ps(1.0f), x.r));
     if (in_range != 0xFFFF) s = _mm512_mask_sqrt_ps(s, static_cast<__mmask16>(~in_range), x.r);
     return {s};
 }
