@@ -99,21 +99,18 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     const AdamScalars<F32x16> c = broadcast<F32x16>(s);
     const auto by_divider = [](F32x16 x) { return L::sqrt(x); };
     const auto by_fma = [](F32x16 x) { return L::sqrt_by_fma(x); };
+    const auto update = [&](std::int64_t at, auto sqrt) {
+        adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
+    };
     constexpr std::int64_t group = (kDividerVectors + kFmaVectors) * L::width;
     std::int64_t i = begin;
     if (rounding_to_nearest()) {
         for (; i + group <= end; i += group) {
-            for (int k = 0; k < kDividerVectors; ++k)
-                adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
-                                                            i + k * L::width, by_divider);
-            for (int k = kDividerVectors; k < kDividerVectors + kFmaVectors; ++k)
-                adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
-                                                            i + k * L::width, by_fma);
+            for (int k = 0; k < kDividerVectors; ++k) update(i + k * L::width, by_divider);
+            for (int k = kDividerVectors; k < kDividerVectors + kFmaVectors; ++k) update(i + k * L::width, by_fma);
         }
     }
-    for (; i + L::width <= end; i += L::width)
-        adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i,
-                                                    by_divider);
+    for (; i + L::width <= end; i += L::width) update(i, by_divider);
     return i;
 }
 #endif
