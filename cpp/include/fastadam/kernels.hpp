@@ -104,6 +104,15 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     };
     constexpr std::int64_t group = (kDividerVectors + kFmaVectors) * L::width;
     std::int64_t i = begin;
+    // One element at a time until exp_avg starts a 64-byte line: a vector that straddles
+    // two lines costs two accesses. The optimizer's state is line-aligned already;
+    // NumPy's large arrays all sit 16 bytes past a line, so aligning one aligns all
+    // (fastadam_bench --layout=numpy, README).
+    const auto scalar_sqrt = [](float x) { return Lane<float>::sqrt(x); };
+    const auto line_offset = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(exp_avg + i) % 64);
+    const std::int64_t peel = (64 - line_offset) % 64 / static_cast<std::int64_t>(sizeof(float));
+    for (const std::int64_t stop = end - i < peel ? end : i + peel; i < stop; ++i)
+        adam_update<float, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i, scalar_sqrt);
     if (rounding_to_nearest()) {
         for (; i + group <= end; i += group) {
             for (int k = 0; k < kDividerVectors; ++k) update(i + k * L::width, by_divider);
