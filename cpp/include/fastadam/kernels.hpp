@@ -98,7 +98,7 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     using L = Lane<F32x16>;
     const AdamScalars<F32x16> c = broadcast<F32x16>(s);
     const auto by_divider = [](F32x16 x) { return L::sqrt(x); };
-    const auto by_fma = [](F32x16 x) { return L::sqrt_by_fma(x); };
+    const auto by_fma = [](F32x16 x) { return sqrt_by_fma(x); };
     const auto update = [&](std::int64_t at, auto sqrt) {
         adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
     };
@@ -151,7 +151,7 @@ inline void lane_sqrt_f32(const float* x, const float* estimate, float* out, std
     for (; i + 16 <= n; i += 16) {
         const __m512 xi = _mm512_loadu_ps(x + i);
         _mm512_storeu_ps(out + i, estimate ? sqrt_from_estimate(xi, _mm512_loadu_ps(estimate + i))
-                                           : exact_sqrt_by_fma({xi}).r);
+                                           : sqrt_by_fma({xi}).r);
     }
 #endif
     (void)estimate;

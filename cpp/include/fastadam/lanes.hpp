@@ -92,24 +92,25 @@ inline __m512 sqrt_from_estimate(__m512 x, __m512 y) {
     const __m512 d = _mm512_fnmadd_ps(g, g, x);
     return _mm512_fmadd_ps(d, h, g);
 }
-inline __m512 sqrt_by_fma(__m512 x) { return sqrt_from_estimate(x, _mm512_rsqrt14_ps(x)); }
 
-// Lanes outside [2^-64, 2^64) (zero, subnormal, huge, infinite, negative, NaN) take
-// the IEEE square root instead; the test is one unsigned compare of the bit patterns.
+// The IEEE square root of every lane, by sqrt_from_estimate where x is in [2^-64, 2^64).
+// Lanes outside it (zero, subnormal, huge, infinite, negative, NaN) take the
+// divide unit's square root instead; the test is one unsigned compare of the bit patterns.
 // The FMA sequence sees 1 in those lanes: on 0 or inf it would compute 0 * inf and
 // raise the invalid-operation flag (a trap, if the program enabled it), which the
 // IEEE square root of those values does not.
-inline F32x16 exact_sqrt_by_fma(F32x16 x) {
+inline F32x16 sqrt_by_fma(F32x16 x) {
     const __m512i bits = _mm512_castps_si512(x.r);
     constexpr int lowest = (127 - 64) << 23, past_highest = (127 + 64) << 23;
     const __mmask16 in_range = _mm512_cmp_epu32_mask(_mm512_sub_epi32(bits, _mm512_set1_epi32(lowest)),
                                                      _mm512_set1_epi32(past_highest - lowest), _MM_CMPINT_LT);
-    __m512 s = sqrt_by_fma(_mm512_mask_blend_ps(in_range, _mm512_set1_ps(1.0f), x.r));
+    const __m512 safe = _mm512_mask_blend_ps(in_range, _mm512_set1_ps(1.0f), x.r);
+    __m512 s = sqrt_from_estimate(safe, _mm512_rsqrt14_ps(safe));
     if (in_range != 0xFFFF) s = _mm512_mask_sqrt_ps(s, static_cast<__mmask16>(~in_range), x.r);
     return {s};
 }
 
-// sqrt_by_fma's results are those of the IEEE square root only when rounding to
+// sqrt_from_estimate's results are those of the IEEE square root only when rounding to
 // nearest, the default that NumPy and every compiler assume; under any other
 // MXCSR rounding mode the loops keep to the divide unit's square root.
 inline bool rounding_to_nearest() { return (_mm_getcsr() & 0x6000u) == 0; }
@@ -121,7 +122,6 @@ struct Lane<F32x16> {
     static void store(float* p, F32x16 x) { _mm512_storeu_ps(p, x.r); }
     static F32x16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
     static F32x16 sqrt(F32x16 x) { return {_mm512_sqrt_ps(x.r)}; }
-    static F32x16 sqrt_by_fma(F32x16 x) { return exact_sqrt_by_fma(x); }
 };
 #endif
 
