@@ -46,18 +46,26 @@ inline void adam_update(T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT g
                         const AdamScalars<V>& c, std::int64_t i, Sqrt sqrt) {
     using L = Lane<V>;
     V g = L::load(grad + i);
-    if (MAXIMIZE) g = -g;
     V p = L::load(param + i);
+    V m_prev = L::load(exp_avg + i);
+    V v_prev = L::load(exp_avg_sq + i);
+    V max_prev = v_prev;
+    if constexpr (AMSGRAD) {
+        max_prev = L::load(max_exp_avg_sq + i);
+        L::loads_before_stores(g, p, m_prev, v_prev, max_prev);
+    } else {
+        L::loads_before_stores(g, p, m_prev, v_prev);
+    }
+    if (MAXIMIZE) g = -g;
     if (WD == WeightDecay::decoupled) p = p * c.decay_factor;
     if (WD == WeightDecay::l2) g = g + c.weight_decay * p;
-    const V m_prev = L::load(exp_avg + i);
     const V m = m_prev + c.one_minus_beta1 * (g - m_prev);
-    const V v = L::load(exp_avg_sq + i) * c.beta2 + c.one_minus_beta2 * g * g;
+    const V v = v_prev * c.beta2 + c.one_minus_beta2 * g * g;
     L::store(exp_avg + i, m);
     L::store(exp_avg_sq + i, v);
     V v_hat = v;
     if (AMSGRAD) {
-        v_hat = nan_max(L::load(max_exp_avg_sq + i), v);
+        v_hat = nan_max(max_prev, v);
         L::store(max_exp_avg_sq + i, v_hat);
     }
     const V denom = sqrt(v_hat) * c.inv_bias_correction2_sqrt + c.eps;
@@ -73,14 +81,13 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
 }
 
 #if defined(FASTADAM_HAVE_F32X16)
-// Float vectors in groups: FASTADAM_DIVIDER_VECTORS take the divide unit's square
-// root, then FASTADAM_FMA_VECTORS the FMA units' (lanes.hpp). The divide unit bounds
-// the step in cache (it also does the division), the FMA units carry most of the
-// rest, so moving a share of the square roots balances the two. On this project's
-// Zen 4 machine 3:1 and 2:1 were fastest of the splits measured (README); FMA only
-// was slower than divider only. Other CPUs may prefer another split: both are
-// build-time settings (-DFASTADAM_DIVIDER_VECTORS=2 ...). Returns where the scalar
-// loop takes over.
+// AVX-512: float vectors in groups. FASTADAM_DIVIDER_VECTORS take the divide unit's
+// square root, then FASTADAM_FMA_VECTORS the FMA units' (lanes.hpp). The divide unit
+// bounds the step in cache (it also does the division), the FMA units carry most of
+// the rest, so moving a share of the square roots balances the two. On this
+// project's Zen 4 machine 3:1 and 2:1 were fastest of the splits measured (README);
+// FMA only was slower than divider only. Other CPUs may prefer another split: both
+// are build-time settings (-DFASTADAM_DIVIDER_VECTORS=2 ...).
 #ifndef FASTADAM_DIVIDER_VECTORS
 #define FASTADAM_DIVIDER_VECTORS 3
 #endif
@@ -89,20 +96,25 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
 #endif
 constexpr int kDividerVectors = FASTADAM_DIVIDER_VECTORS, kFmaVectors = FASTADAM_FMA_VECTORS;
 static_assert(kDividerVectors >= 0 && kFmaVectors >= 0 && kDividerVectors + kFmaVectors > 0, "empty vector group");
+using FloatVector = F32x16;
+#elif defined(FASTADAM_HAVE_F32X8)
+using FloatVector = F32x8;  // AVX2: every square root on the divide unit
+#endif
 
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+// The float loop over FloatVector lanes. Returns where the scalar loop takes over.
 template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
 std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_RESTRICT grad,
                           float* FASTADAM_RESTRICT exp_avg, float* FASTADAM_RESTRICT exp_avg_sq,
                           float* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<float>& s, std::int64_t begin,
                           std::int64_t end) {
-    using L = Lane<F32x16>;
-    const AdamScalars<F32x16> c = broadcast<F32x16>(s);
-    const auto by_divider = [](F32x16 x) { return L::sqrt(x); };
-    const auto by_fma = [](F32x16 x) { return sqrt_by_fma(x); };
+    using V = FloatVector;
+    using L = Lane<V>;
+    const AdamScalars<V> c = broadcast<V>(s);
+    const auto by_divider = [](V x) { return L::sqrt(x); };
     const auto update = [&](std::int64_t at, auto sqrt) {
-        adam_update<F32x16, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
+        adam_update<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
     };
-    constexpr std::int64_t group = (kDividerVectors + kFmaVectors) * L::width;
     std::int64_t i = begin;
     // One element at a time until exp_avg starts a 64-byte line: a vector that straddles
     // two lines costs two accesses. The optimizer's state is line-aligned already;
@@ -113,12 +125,16 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     const std::int64_t peel = (64 - line_offset) % 64 / static_cast<std::int64_t>(sizeof(float));
     for (const std::int64_t stop = end - i < peel ? end : i + peel; i < stop; ++i)
         adam_update<float, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i, scalar_sqrt);
+#if defined(FASTADAM_HAVE_F32X16)
+    const auto by_fma = [](V x) { return sqrt_by_fma(x); };
+    constexpr std::int64_t group = (kDividerVectors + kFmaVectors) * L::width;
     if (rounding_to_nearest()) {
         for (; i + group <= end; i += group) {
             for (int k = 0; k < kDividerVectors; ++k) update(i + k * L::width, by_divider);
             for (int k = kDividerVectors; k < kDividerVectors + kFmaVectors; ++k) update(i + k * L::width, by_fma);
         }
     }
+#endif
     for (; i + L::width <= end; i += L::width) update(i, by_divider);
     return i;
 }
@@ -133,7 +149,7 @@ void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t beg
     T* FASTADAM_RESTRICT max_exp_avg_sq = t.max_exp_avg_sq;
     const AdamScalars<T> c = s;  // local copy: the compiler keeps the scalars in registers
     std::int64_t i = begin;
-#if defined(FASTADAM_HAVE_F32X16)
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
     if constexpr (std::is_same<T, float>::value)
         i = adam_vectors<WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, begin, end);
 #endif

@@ -1,6 +1,6 @@
 // fastadam: what one step of the loops in kernels.hpp operates on. A lane type V is
 // either one element (float, double) or, where the target has one, a SIMD vector
-// of float (F32x16, AVX-512). Lane<V> gives its loads, stores and square roots; V's
+// of float (F32x16 on AVX-512, F32x8 on AVX2). Lane<V> gives its loads, stores and square roots; V's
 // own operators are IEEE add, subtract, multiply, divide, one rounding each, so a
 // vector lane computes the bits of the scalar code.
 //
@@ -13,6 +13,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define FASTADAM_HAVE_F32X16 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define FASTADAM_HAVE_F32X8 1
 #endif
 
 #ifndef FASTADAM_ISA_NS
@@ -50,6 +53,8 @@ struct Lane {
     static void store(T* p, T x) { *p = x; }
     static T broadcast(T x) { return x; }
     static T sqrt(T x) { return ieee_sqrt(x); }
+    template <class... U>
+    static void loads_before_stores(U&...) {}
 };
 
 #if defined(FASTADAM_HAVE_F32X16)
@@ -122,6 +127,64 @@ struct Lane<F32x16> {
     static void store(float* p, F32x16 x) { _mm512_storeu_ps(p, x.r); }
     static F32x16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
     static F32x16 sqrt(F32x16 x) { return {_mm512_sqrt_ps(x.r)}; }
+    // Makes the compiler finish one update's loads before its stores. Left alone, GCC
+    // (told by __restrict__ that the arrays do not overlap) re-reads param and grad
+    // after storing exp_avg and exp_avg_sq. NumPy puts its large arrays all at one
+    // offset within a page, and a load behind a store to the same offset in another
+    // array waits for it (4K aliasing): 10% on a 1e5-element step with NumPy's arrays
+    // (fastadam_bench --layout=numpy, README). The empty asm only claims to change
+    // the loaded values, so it emits nothing; scalar lanes need no such hint, being
+    // auto-vectorised loops the hint would get in the way of.
+#if defined(__GNUC__)
+    static void loads_before_stores(F32x16& a, F32x16& b, F32x16& c, F32x16& d) {
+        __asm__ volatile("" : "+v"(a.r), "+v"(b.r), "+v"(c.r), "+v"(d.r));
+    }
+    static void loads_before_stores(F32x16& a, F32x16& b, F32x16& c, F32x16& d, F32x16& e) {
+        __asm__ volatile("" : "+v"(a.r), "+v"(b.r), "+v"(c.r), "+v"(d.r), "+v"(e.r));
+    }
+#else
+    template <class... U>
+    static void loads_before_stores(U&...) {}  // MSVC: no GNU asm; the hint is only a hint
+#endif
+};
+#endif
+
+#if defined(FASTADAM_HAVE_F32X8)
+// Eight floats in one AVX2 register: the same update as F32x16, with the divide
+// unit's square root only (AVX2's vrsqrtps estimate is too coarse for
+// sqrt_from_estimate, see there).
+struct F32x8 {
+    __m256 r;
+};
+inline F32x8 operator+(F32x8 a, F32x8 b) { return {_mm256_add_ps(a.r, b.r)}; }
+inline F32x8 operator-(F32x8 a, F32x8 b) { return {_mm256_sub_ps(a.r, b.r)}; }
+inline F32x8 operator*(F32x8 a, F32x8 b) { return {_mm256_mul_ps(a.r, b.r)}; }
+inline F32x8 operator/(F32x8 a, F32x8 b) { return {_mm256_div_ps(a.r, b.r)}; }
+inline F32x8 operator-(F32x8 a) { return {_mm256_xor_ps(a.r, _mm256_set1_ps(-0.0f))}; }
+inline F32x8 nan_max(F32x8 a, F32x8 b) {
+    const __m256 take_b = _mm256_or_ps(_mm256_cmp_ps(b.r, a.r, _CMP_GT_OQ), _mm256_cmp_ps(b.r, b.r, _CMP_UNORD_Q));
+    return {_mm256_blendv_ps(a.r, b.r, take_b)};
+}
+
+template <>
+struct Lane<F32x8> {
+    static constexpr int width = 8;
+    static F32x8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+    static void store(float* p, F32x8 x) { _mm256_storeu_ps(p, x.r); }
+    static F32x8 broadcast(float x) { return {_mm256_set1_ps(x)}; }
+    static F32x8 sqrt(F32x8 x) { return {_mm256_sqrt_ps(x.r)}; }
+    // As Lane<F32x16>::loads_before_stores.
+#if defined(__GNUC__)
+    static void loads_before_stores(F32x8& a, F32x8& b, F32x8& c, F32x8& d) {
+        __asm__ volatile("" : "+x"(a.r), "+x"(b.r), "+x"(c.r), "+x"(d.r));
+    }
+    static void loads_before_stores(F32x8& a, F32x8& b, F32x8& c, F32x8& d, F32x8& e) {
+        __asm__ volatile("" : "+x"(a.r), "+x"(b.r), "+x"(c.r), "+x"(d.r), "+x"(e.r));
+    }
+#else
+    template <class... U>
+    static void loads_before_stores(U&...) {}
+#endif
 };
 #endif
 
