@@ -51,6 +51,44 @@ def run_steps(step_fn, state, grads, kwargs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_amsgrad_maximum_ties_and_nans_as_numpy(dtype):
+    # maximum(max_exp_avg_sq, v) as numpy.maximum: a NaN in either operand wins, and on a
+    # tie (-0.0 against 0.0) the second operand, v. Every pair placed in every lane
+    # position, tail and peel (sizes 0..40, offsets 0..3), on every path and thread count.
+    pairs = np.array([(-0.0, 0.0), (0.0, 0.0), (-0.0, np.nan), (np.nan, 0.0), (1.0, np.nan), (np.nan, 1.0), (2.0, 1.0)], dtype=dtype)
+    for n in range(41):
+        for offset in range(4):
+            base = np.zeros((5, n + offset), dtype=dtype)
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = (row[offset:] for row in base)
+            param[...] = 1.0
+            kind = (np.arange(n) + offset) % len(pairs)
+            max_exp_avg_sq[...] = pairs[kind, 0]
+            # grad 0 and exp_avg_sq v0 give v = v0 * beta2: 0.0 stays 0.0, NaN stays NaN, 1.0 and 2.0 scale.
+            exp_avg_sq[...] = pairs[kind, 1] / dtype(0.999)
+            state0 = [param.copy(), exp_avg.copy(), exp_avg_sq.copy(), max_exp_avg_sq.copy()]
+            kwargs = dict(step=1, lr=0.1, amsgrad=True, eps=1e-8)
+            want = [a.copy() for a in state0]
+            with np.errstate(all="ignore"):
+                reference.adam_step(want[0], grad, want[1], want[2], max_exp_avg_sq=want[3], **kwargs)
+                for isa in fastadam.available_isas():
+                    fastadam.set_isa(isa)
+                    for threads in THREADS:
+                        fastadam.set_num_threads(threads)
+                        got = [np.empty(n + offset, dtype=dtype)[offset:] for _ in state0]
+                        for g, a in zip(got, state0):
+                            g[...] = a
+                        fastadam.adam_step(got[0], grad, got[1], got[2], max_exp_avg_sq=got[3], **kwargs)
+                        for name, g, w in zip(["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], got, want):
+                            nan = np.isnan(w)
+                            assert np.array_equal(np.isnan(g), nan), f"{name} n={n} offset={offset} {isa}: NaN positions differ"
+                            assert same_bits(np.where(nan, 0, g), np.where(nan, 0, w)), (
+                                f"{name} n={n} offset={offset} {isa} threads={threads}: {first_difference(np.where(nan, 0, g), np.where(nan, 0, w))}"
+                            )
+    # The case that matters: a -0.0 maximum meeting v = 0.0 keeps v's +0.0.
+    assert not np.signbit(np.maximum(dtype(-0.0), dtype(0.0)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("variant", ADAM_VARIANTS)
 def test_adam_special_values_bit_identical_on_every_isa(dtype, variant):
     # NaN, infinities and signed zeros scattered through every array, so that the vector

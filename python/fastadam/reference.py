@@ -26,7 +26,7 @@ Adam, per element (``T`` = the arrays' dtype, ``t`` = ``step``)::
     g = g + T(weight_decay) * p                       # Adam (L2),         weight_decay != 0
     m = m + T(1 - beta1) * (g - m)                    # exp_avg      (torch: lerp)
     v = v * T(beta2) + T(1 - beta2) * g * g           # exp_avg_sq   ((T(1-beta2)*g)*g)
-    v_max = maximum(v_max, v)                         # amsgrad only (NaN propagates)
+    v_max = maximum(v_max, v)                         # amsgrad only (NaN propagates; ties: v)
     denom = sqrt(v_max if amsgrad else v) * T(1 / sqrt(1 - beta2**t)) + T(eps)
     p = p - T(lr / (1 - beta1**t)) * m / denom        # (step_size*m)/denom
 

@@ -1,8 +1,8 @@
 // fastadam: what one step of the loops in kernels.hpp operates on. A lane type V is
 // either one element (float, double) or, where the target has one, a SIMD vector
-// of float (F32x16 on AVX-512, F32x8 on AVX2). Lane<V> gives its loads, stores and square roots; V's
-// own operators are IEEE add, subtract, multiply, divide, one rounding each, so a
-// vector lane computes the bits of the scalar code.
+// of float (F32x16 on AVX-512, F32x8 on AVX2). Lane<V> gives its loads, stores and
+// square roots; V's own operators are IEEE add, subtract, multiply, divide, one
+// rounding each, so a vector lane computes the bits of the scalar code.
 //
 // Like kernels.hpp, this is compiled once per SIMD target inside the per-target
 // namespace fastadam::FASTADAM_ISA_NS.
@@ -40,10 +40,11 @@ inline double ieee_sqrt(double x) {
 #endif
 }
 
-// NaN-propagating maximum, as numpy.maximum and torch.maximum.
+// NaN-propagating maximum, as numpy.maximum (the reference): a where a > b or a is NaN,
+// else b, so on ties (-0.0 against 0.0) the second operand.
 template <class T>
 inline T nan_max(T a, T b) {
-    return (b > a || b != b) ? b : a;
+    return (a > b || a != a) ? a : b;
 }
 
 // One element. The loops over scalar lanes are what the compiler auto-vectorises.
@@ -56,6 +57,25 @@ struct Lane {
     template <class... U>
     static void loads_before_stores(U&...) {}
 };
+
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+// Claims to change the vectors' registers, so the compiler must have loaded them by
+// here and cannot load them again later; emits nothing. (MSVC has no GNU asm: there it
+// does nothing, the hint being only a hint.)
+#if defined(__GNUC__)
+template <class V>
+inline void keep_loaded(V& a, V& b, V& c, V& d) {
+    __asm__ volatile("" : "+v"(a.r), "+v"(b.r), "+v"(c.r), "+v"(d.r));
+}
+template <class V>
+inline void keep_loaded(V& a, V& b, V& c, V& d, V& e) {
+    __asm__ volatile("" : "+v"(a.r), "+v"(b.r), "+v"(c.r), "+v"(d.r), "+v"(e.r));
+}
+#else
+template <class... V>
+inline void keep_loaded(V&...) {}
+#endif
+#endif
 
 #if defined(FASTADAM_HAVE_F32X16)
 // Sixteen floats in one AVX-512 register.
@@ -71,8 +91,8 @@ inline F32x16 operator-(F32x16 a) {
     return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.r), _mm512_set1_epi32(INT32_MIN)))};
 }
 inline F32x16 nan_max(F32x16 a, F32x16 b) {
-    const __mmask16 take_b = _mm512_cmp_ps_mask(b.r, a.r, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b.r, b.r, _CMP_UNORD_Q);
-    return {_mm512_mask_blend_ps(take_b, a.r, b.r)};
+    const __mmask16 take_a = _mm512_cmp_ps_mask(a.r, b.r, _CMP_GT_OQ) | _mm512_cmp_ps_mask(a.r, a.r, _CMP_UNORD_Q);
+    return {_mm512_mask_blend_ps(take_a, b.r, a.r)};
 }
 
 // The correctly rounded square root without the divide unit, for x in [2^-64, 2^64).
@@ -131,28 +151,20 @@ struct Lane<F32x16> {
     // (told by __restrict__ that the arrays do not overlap) re-reads param and grad
     // after storing exp_avg and exp_avg_sq. NumPy puts its large arrays all at one
     // offset within a page, and a load behind a store to the same offset in another
-    // array waits for it (4K aliasing): 10% on a 1e5-element step with NumPy's arrays
-    // (fastadam_bench --layout=numpy, README). The empty asm only claims to change
-    // the loaded values, so it emits nothing; scalar lanes need no such hint, being
+    // array waits for it (4K aliasing): 8% on a 1e5-element step with NumPy's arrays
+    // (fastadam_bench --layout=numpy, README). Scalar lanes need no such hint, being
     // auto-vectorised loops the hint would get in the way of.
-#if defined(__GNUC__)
-    static void loads_before_stores(F32x16& a, F32x16& b, F32x16& c, F32x16& d) {
-        __asm__ volatile("" : "+v"(a.r), "+v"(b.r), "+v"(c.r), "+v"(d.r));
-    }
-    static void loads_before_stores(F32x16& a, F32x16& b, F32x16& c, F32x16& d, F32x16& e) {
-        __asm__ volatile("" : "+v"(a.r), "+v"(b.r), "+v"(c.r), "+v"(d.r), "+v"(e.r));
-    }
-#else
     template <class... U>
-    static void loads_before_stores(U&...) {}  // MSVC: no GNU asm; the hint is only a hint
-#endif
+    static void loads_before_stores(U&... loaded) {
+        keep_loaded(loaded...);
+    }
 };
 #endif
 
 #if defined(FASTADAM_HAVE_F32X8)
 // Eight floats in one AVX2 register: the same update as F32x16, with the divide
-// unit's square root only (AVX2's vrsqrtps estimate is too coarse for
-// sqrt_from_estimate, see there).
+// unit's square root only: AVX2's vrsqrtps estimate (error up to 1.5 * 2^-12) is
+// outside the 3 * 2^-14 that sqrt_from_estimate was checked to tolerate.
 struct F32x8 {
     __m256 r;
 };
@@ -162,8 +174,8 @@ inline F32x8 operator*(F32x8 a, F32x8 b) { return {_mm256_mul_ps(a.r, b.r)}; }
 inline F32x8 operator/(F32x8 a, F32x8 b) { return {_mm256_div_ps(a.r, b.r)}; }
 inline F32x8 operator-(F32x8 a) { return {_mm256_xor_ps(a.r, _mm256_set1_ps(-0.0f))}; }
 inline F32x8 nan_max(F32x8 a, F32x8 b) {
-    const __m256 take_b = _mm256_or_ps(_mm256_cmp_ps(b.r, a.r, _CMP_GT_OQ), _mm256_cmp_ps(b.r, b.r, _CMP_UNORD_Q));
-    return {_mm256_blendv_ps(a.r, b.r, take_b)};
+    const __m256 take_a = _mm256_or_ps(_mm256_cmp_ps(a.r, b.r, _CMP_GT_OQ), _mm256_cmp_ps(a.r, a.r, _CMP_UNORD_Q));
+    return {_mm256_blendv_ps(b.r, a.r, take_a)};
 }
 
 template <>
@@ -173,18 +185,10 @@ struct Lane<F32x8> {
     static void store(float* p, F32x8 x) { _mm256_storeu_ps(p, x.r); }
     static F32x8 broadcast(float x) { return {_mm256_set1_ps(x)}; }
     static F32x8 sqrt(F32x8 x) { return {_mm256_sqrt_ps(x.r)}; }
-    // As Lane<F32x16>::loads_before_stores.
-#if defined(__GNUC__)
-    static void loads_before_stores(F32x8& a, F32x8& b, F32x8& c, F32x8& d) {
-        __asm__ volatile("" : "+x"(a.r), "+x"(b.r), "+x"(c.r), "+x"(d.r));
-    }
-    static void loads_before_stores(F32x8& a, F32x8& b, F32x8& c, F32x8& d, F32x8& e) {
-        __asm__ volatile("" : "+x"(a.r), "+x"(b.r), "+x"(c.r), "+x"(d.r), "+x"(e.r));
-    }
-#else
     template <class... U>
-    static void loads_before_stores(U&...) {}
-#endif
+    static void loads_before_stores(U&... loaded) {  // as Lane<F32x16>'s
+        keep_loaded(loaded...);
+    }
 };
 #endif
 
