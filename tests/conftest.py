@@ -26,6 +26,17 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> str:
     return f"{i.size} of {a.size} elements differ; first at {i[0]}: {a.ravel()[i[0]]!r} vs {b.ravel()[i[0]]!r}"
 
 
+def nan_blind_difference(got: np.ndarray, want: np.ndarray) -> str | None:
+    """None when `got` has NaN exactly where `want` has and the bits of `want` everywhere
+    else; otherwise what differs. The sign and payload of a NaN are not compared: with two
+    NaN operands x86 keeps the first, and NumPy's operand order is its own."""
+    nan = np.isnan(want)
+    if not np.array_equal(np.isnan(got), nan):
+        return "NaN positions differ"
+    a, b = np.where(nan, 0, got).astype(want.dtype), np.where(nan, 0, want).astype(want.dtype)
+    return None if same_bits(a, b) else first_difference(a, b)
+
+
 @pytest.fixture(autouse=True)
 def _restore_isa_and_threads():
     isa = fastadam.get_isa()

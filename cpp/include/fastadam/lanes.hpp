@@ -75,6 +75,20 @@ inline void keep_loaded(V& a, V& b, V& c, V& d, V& e) {
 template <class... V>
 inline void keep_loaded(V&...) {}
 #endif
+
+// What the vector lanes share. loads_before_stores makes the compiler finish one
+// update's loads before its stores. Left alone, GCC (told by __restrict__ that the
+// arrays do not overlap) re-reads param and grad after storing exp_avg and
+// exp_avg_sq. NumPy puts its large arrays all at one offset within a page, and a load
+// behind a store to the same offset in another array waits for it (4K aliasing): 8% on
+// a 1e5-element step with NumPy's arrays (fastadam_bench --layout=numpy, README).
+// Scalar lanes need no such hint, being auto-vectorised loops it would get in the way of.
+struct VectorLane {
+    template <class... U>
+    static void loads_before_stores(U&... loaded) {
+        keep_loaded(loaded...);
+    }
+};
 #endif
 
 #if defined(FASTADAM_HAVE_F32X16)
@@ -141,23 +155,12 @@ inline F32x16 sqrt_by_fma(F32x16 x) {
 inline bool rounding_to_nearest() { return (_mm_getcsr() & 0x6000u) == 0; }
 
 template <>
-struct Lane<F32x16> {
+struct Lane<F32x16> : VectorLane {
     static constexpr int width = 16;
     static F32x16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
     static void store(float* p, F32x16 x) { _mm512_storeu_ps(p, x.r); }
     static F32x16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
     static F32x16 sqrt(F32x16 x) { return {_mm512_sqrt_ps(x.r)}; }
-    // Makes the compiler finish one update's loads before its stores. Left alone, GCC
-    // (told by __restrict__ that the arrays do not overlap) re-reads param and grad
-    // after storing exp_avg and exp_avg_sq. NumPy puts its large arrays all at one
-    // offset within a page, and a load behind a store to the same offset in another
-    // array waits for it (4K aliasing): 8% on a 1e5-element step with NumPy's arrays
-    // (fastadam_bench --layout=numpy, README). Scalar lanes need no such hint, being
-    // auto-vectorised loops the hint would get in the way of.
-    template <class... U>
-    static void loads_before_stores(U&... loaded) {
-        keep_loaded(loaded...);
-    }
 };
 #endif
 
@@ -179,16 +182,12 @@ inline F32x8 nan_max(F32x8 a, F32x8 b) {
 }
 
 template <>
-struct Lane<F32x8> {
+struct Lane<F32x8> : VectorLane {
     static constexpr int width = 8;
     static F32x8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
     static void store(float* p, F32x8 x) { _mm256_storeu_ps(p, x.r); }
     static F32x8 broadcast(float x) { return {_mm256_set1_ps(x)}; }
     static F32x8 sqrt(F32x8 x) { return {_mm256_sqrt_ps(x.r)}; }
-    template <class... U>
-    static void loads_before_stores(U&... loaded) {  // as Lane<F32x16>'s
-        keep_loaded(loaded...);
-    }
 };
 #endif
 
