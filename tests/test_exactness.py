@@ -1,5 +1,7 @@
 """The kernel gives the same bits as fastadam.reference on every SIMD path and thread count."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import DTYPES, THREADS, first_difference, nan_blind_difference, same_bits
@@ -127,6 +129,57 @@ def test_adam_bit_identical_on_every_isa_and_thread_count(dtype, variant):
                     run_steps(fastadam.adam_step, state, grads, kwargs)
                     for name, got, want in zip(["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], state, expected):
                         assert same_bits(got, want), f"{name} n={n} offset={offset} {isa} threads={threads}: {first_difference(got, want)}"
+
+
+def _pin_every_thread(cpus):
+    """Sets the CPU affinity of every thread of this process, the pool's workers included
+    (threads started later inherit the caller's); returns the previous masks."""
+    previous = {}
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            previous[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread has ended
+            pass
+    return previous
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="pins threads through Linux's /proc/self/task")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_exact_when_workers_start_late_or_share_a_core(dtype):
+    """A share's units that its worker has not reached are run by the threads that are done
+    with theirs (work_pool.hpp). Make that happen at nearly every step: more threads than
+    cores, then every thread of the process on one core, where a worker runs only while the
+    caller does not. Every element must still be updated exactly once, across tensors."""
+    rng = np.random.default_rng(11)
+    sizes = [300_001, 17, 250_000, 0, 4099]  # 554,117 elements: 4-16 units per share
+    tensors = [make_state(rng, n, dtype, offset=n % 2) for n in sizes]
+    steps = 12
+    kwargs = {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01}
+    expected = [[a.copy() for a in state] for state, _ in tensors]
+    for t in range(steps):
+        for (_, grads), (p, m, v, vmax) in zip(tensors, expected):
+            reference.adam_step(p, grads[t % STEPS], m, v, step=t + 1, max_exp_avg_sq=vmax, **kwargs)
+    one_cpu = {min(os.sched_getaffinity(0))}
+    for threads, cpus in [(8, None), (2, one_cpu), (3, one_cpu)]:
+        fastadam.set_num_threads(threads)
+        states = [[a.copy() for a in state] for state, _ in tensors]
+        previous = _pin_every_thread(cpus) if cpus else {}
+        try:
+            for t in range(steps):
+                fastadam.adam_step_multi(
+                    [s[0] for s in states], [g[t % STEPS] for _, g in tensors], [s[1] for s in states],
+                    [s[2] for s in states], steps=t + 1, max_exp_avg_sqs=[s[3] for s in states], **kwargs,
+                )
+        finally:
+            for tid, mask in previous.items():
+                try:
+                    os.sched_setaffinity(tid, mask)
+                except OSError:
+                    pass
+        for k, (got, want) in enumerate(zip(states, expected)):
+            for name, a, b in zip(["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], got, want):
+                assert same_bits(a, b), f"tensor {k} {name} threads={threads} cpus={cpus}: {first_difference(a, b)}"
 
 
 def test_reference_really_differs_with_fma():

@@ -160,9 +160,9 @@ struct Gathered {
 };
 
 // Runs segment(tensor, scalars, begin, end) on consecutive element ranges of the
-// concatenation of all tensors, split into chunks that the caller and the pool's
-// workers claim (work_pool.hpp). Chunks start on a 64-byte boundary of the param
-// buffer so two threads never write one cache line.
+// concatenation of all tensors: one contiguous share per thread, each cut into units
+// that the caller and the pool's workers claim (work_pool.hpp). Units start on a
+// 64-byte boundary of the param buffer so two threads never write one cache line.
 //
 // The per-step scalars (two pow calls) are computed by whichever thread reaches a
 // tensor, and reused while consecutive tensors share hyper-parameters and step count
@@ -192,7 +192,8 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
     std::int64_t total = 0;
     for (std::size_t k = 0; k < count; ++k) total += source.size(k);
     const std::int64_t by_size = std::max<std::int64_t>(1, total / kMinElementsPerThread);
-    const int threads = static_cast<int>(std::min<std::int64_t>(max_threads(num_threads), by_size));
+    const int threads = static_cast<int>(
+        std::min<std::int64_t>({max_threads(num_threads), by_size, std::int64_t{WorkPool::kMaxShares}}));
     if (threads <= 1) {
         run_range(0, 0, total);
         return;
@@ -206,9 +207,9 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
     std::vector<std::int64_t> offsets(count + 1, 0);
     for (std::size_t k = 0; k < count; ++k) offsets[k + 1] = offsets[k] + source.size(k);
     constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
-    // Global index where chunk `part` of `parts` starts; monotone in `part` because
-    // each chunk is far longer than a cache line.
-    auto share_start = [&](int part, int parts) -> std::int64_t {
+    // Global index where unit `part` of `parts` starts; monotone in `part` because
+    // each unit is far longer than a cache line.
+    auto unit_start = [&](int part, int parts) -> std::int64_t {
         if (part >= parts) return total;
         const std::int64_t raw = (total / parts) * part + std::min<std::int64_t>(part, total % parts);
         // The last tensor starting at or before raw (a skipped tensor has none of its own).
@@ -218,20 +219,23 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
         const std::int64_t aligned = local - (first + local) % line;
         return offsets[k] + std::max<std::int64_t>(aligned, 0);
     };
-    // Twice as many chunks as threads: a worker that starts late still finds work.
-    // More chunks measured slower, the threads' stretches of memory interleaving: with
-    // 16 per thread, fastadam_bench's adam/avx512/threads:2/n:1000000 took 206-213 us
-    // against 146-159 us.
-    const int chunks = threads * 2;
+    // Units of about 16384 elements (a few microseconds of work): small enough that a
+    // slow worker's remainder is shared out finely, large enough that claiming one (one
+    // atomic operation) costs nothing next to running it. At least two per share, so
+    // that a worker that starts a little late still runs part of its own share.
+    constexpr std::int64_t unit_elements = 16384;
+    const int units_per_share = static_cast<int>(
+        std::clamp<std::int64_t>(total / threads / unit_elements, 2, WorkPool::kMaxUnitsPerShare));
+    const int units = threads * units_per_share;
     struct Job {
-        decltype(share_start)& start;
+        decltype(unit_start)& start;
         decltype(run_range)& run;
         const std::vector<std::int64_t>& offsets;
-        int chunks;
-    } job{share_start, run_range, offsets, chunks};
-    pool.run(threads, chunks, [](void* context, int chunk) {
+        int units;
+    } job{unit_start, run_range, offsets, units};
+    pool.run(threads, units_per_share, [](void* context, int unit) {
         Job& j = *static_cast<Job*>(context);
-        const std::int64_t begin = j.start(chunk, j.chunks), end = j.start(chunk + 1, j.chunks);
+        const std::int64_t begin = j.start(unit, j.units), end = j.start(unit + 1, j.units);
         const std::size_t k = static_cast<std::size_t>(std::upper_bound(j.offsets.begin(), j.offsets.end(), begin) - j.offsets.begin()) - 1;
         j.run(k, begin - j.offsets[k], end - begin);
     }, &job);

@@ -1,14 +1,19 @@
-// A pool of worker threads for one step's chunks of work, where the caller never
-// waits for a worker that has not started.
+// A pool of worker threads for one step's work, where the caller never waits for a
+// worker that has not started, and a slow worker's share is taken over in pieces.
 //
 // Why not an OpenMP parallel region: its closing barrier waits for every thread of
 // the team. When another runtime's threads are spinning on the other cores (OpenBLAS
 // keeps its threads busy-waiting for ~0.1 s after each matrix product, which a NumPy
 // training loop does between optimizer steps), a worker is not scheduled until the
-// next time slice and a 20 us step takes milliseconds. Here the caller claims chunks
-// too; a late worker finds none left and goes back to sleep, so the worst case is the
-// single-threaded time. The thread *count* still follows OpenMP's settings
-// (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl); see dispatch.cpp.
+// next time slice and a 20 us step takes milliseconds. Here every participant owns a
+// contiguous share of the step, cut into units: it runs its own units from the front,
+// then takes the units still left at the back of the others' shares. A late worker
+// finds its share done and goes back to sleep; a worker on a core that another process
+// also uses finishes less of its share, and the others finish the rest. On a quiet
+// machine every share stays with its owner, so each core sees the same part of the
+// arrays at every step (its cache keeps it). The thread *count* still follows
+// OpenMP's settings (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl); see
+// dispatch.cpp.
 #pragma once
 
 #include <atomic>
@@ -29,9 +34,16 @@ namespace fastadam {
 
 class WorkPool {
 public:
-    using ChunkFn = void (*)(void* context, int chunk);
-    // How long an idle worker spins for the next job before it sleeps.
-    static constexpr std::chrono::microseconds kSpin{50};
+    // fn(context, unit) runs one unit of a job; units [p * units_per_share, (p + 1) *
+    // units_per_share) are participant p's share (the caller is participant 0).
+    using UnitFn = void (*)(void* context, int unit);
+    // How long an idle worker spins for the next job before it sleeps, and after how
+    // much of that it lets other threads have its core between checks.
+    static constexpr std::chrono::microseconds kSpin{50}, kSpinBeforeYield{10};
+    // How many pauses the caller spins for the workers' last units before it yields its core.
+    static constexpr int kPausesBeforeYield = 4096;
+    // Participants (caller included) and units per share a job may have.
+    static constexpr int kMaxShares = 256, kMaxUnitsPerShare = 0xffff;
 
     static WorkPool& instance() {
         // Leaked on purpose: detached workers may outlive static destruction at exit.
@@ -39,25 +51,36 @@ public:
         return *pool;
     }
 
-    // Runs fn(context, c) for every c in [0, chunks) on the caller and up to
-    // `threads - 1` workers; returns when every chunk is done.
-    void run(int threads, int chunks, ChunkFn fn, void* context) {
+    // Runs fn(context, u) for every u in [0, shares * units_per_share) on the caller and
+    // up to `shares - 1` workers; returns when every unit is done.
+    void run(int shares, int units_per_share, UnitFn fn, void* context) {
         std::lock_guard<std::mutex> one_job(job_mutex_);  // callers from several Python threads take turns
-        ensure_workers(threads - 1);
+        ensure_workers(shares - 1);
         fn_.store(fn, std::memory_order_relaxed);
         context_.store(context, std::memory_order_relaxed);
-        chunks_.store(chunks, std::memory_order_relaxed);
+        shares_.store(shares, std::memory_order_relaxed);
+        units_per_share_.store(units_per_share, std::memory_order_relaxed);
         done_.store(0, std::memory_order_relaxed);
-        const std::uint64_t epoch = ++epoch_counter_;
-        helpers_.store(threads - 1, std::memory_order_relaxed);
+        const std::uint64_t epoch = ++epoch_counter_ & 0xffffffffu;
+        for (int p = 0; p < shares; ++p)
+            share_[p].left.store(epoch << 32 | static_cast<std::uint64_t>(units_per_share), std::memory_order_relaxed);
+        helpers_.store(shares - 1, std::memory_order_relaxed);
         {
             std::lock_guard<std::mutex> lock(wake_mutex_);
-            ticket_.store(epoch << 32, std::memory_order_release);  // publishes the job
+            epoch_.store(epoch, std::memory_order_release);  // publishes the job
         }
         wake_.notify_all();
-        work(epoch);
-        // Only chunks that a running worker has claimed can still be in progress.
-        while (done_.load(std::memory_order_acquire) != chunks) FASTADAM_PAUSE();
+        work(epoch, 0);
+        // Only units that a running worker has claimed can still be in progress. If that
+        // takes long, the worker may be waiting for this core (more threads than cores).
+        for (int pauses = 0; done_.load(std::memory_order_acquire) != shares * units_per_share;) {
+            if (pauses < kPausesBeforeYield) {
+                FASTADAM_PAUSE();
+                ++pauses;
+            } else {
+                std::this_thread::yield();
+            }
+        }
         job_ended();
     }
 
@@ -89,19 +112,35 @@ private:
         }
     }
 
-    // Claims and runs chunks of job `epoch` until none is left.
-    void work(std::uint64_t epoch) {
+    // Claims one unit of share p of job `epoch`, from the front (its owner) or from the
+    // back (anyone else). Returns the unit's index within the share, or -1 if the share
+    // has none left or the job is no longer `epoch`.
+    int claim(int p, std::uint64_t epoch, bool front) {
+        // share_[p].left: epoch << 32 | first unit left << 16 | one past the last unit left
+        std::uint64_t word = share_[p].left.load(std::memory_order_acquire);
         for (;;) {
-            std::uint64_t ticket = ticket_.load(std::memory_order_acquire);
-            const ChunkFn fn = fn_.load(std::memory_order_relaxed);
-            void* const context = context_.load(std::memory_order_relaxed);
-            const int chunks = chunks_.load(std::memory_order_relaxed);
-            // A claim succeeds only while job `epoch` is current, and then the fields
-            // read above are its own: a new job starts only after every chunk is done.
-            if ((ticket >> 32) != epoch || static_cast<int>(ticket & 0xffffffffu) >= chunks) return;
-            if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel)) continue;
-            fn(context, static_cast<int>(ticket & 0xffffffffu));
-            done_.fetch_add(1, std::memory_order_acq_rel);
+            const int first = static_cast<int>(word >> 16 & 0xffffu), end = static_cast<int>(word & 0xffffu);
+            if ((word >> 32) != epoch || first >= end) return -1;
+            const std::uint64_t taken = front ? word + (1u << 16) : word - 1;
+            if (share_[p].left.compare_exchange_weak(word, taken, std::memory_order_acq_rel)) return front ? first : end - 1;
+        }
+    }
+
+    // Participant `me` runs units of job `epoch`: its own share first, then what is left
+    // of the others'. A claim succeeds only while job `epoch` is unfinished, and then the
+    // fields read here are its own: a new job starts only after every unit is done.
+    void work(std::uint64_t epoch, int me) {
+        const UnitFn fn = fn_.load(std::memory_order_relaxed);
+        void* const context = context_.load(std::memory_order_relaxed);
+        const int shares = shares_.load(std::memory_order_relaxed);
+        const int units = units_per_share_.load(std::memory_order_relaxed);
+        if (me >= shares) return;
+        for (int k = 0; k < shares; ++k) {
+            const int p = (me + k) % shares;
+            for (int u; (u = claim(p, epoch, p == me)) >= 0;) {
+                fn(context, p * units + u);
+                done_.fetch_add(1, std::memory_order_acq_rel);
+            }
         }
     }
 
@@ -110,31 +149,39 @@ private:
         std::uint64_t seen = 0;
         for (;;) {
             // Spin briefly (steps often come back to back), then sleep.
-            std::uint64_t epoch = ticket_.load(std::memory_order_acquire) >> 32;
-            const auto spin_until = std::chrono::steady_clock::now() + kSpin;
-            while (epoch == seen && std::chrono::steady_clock::now() < spin_until) {
+            std::uint64_t epoch = epoch_.load(std::memory_order_acquire);
+            const auto spin_start = std::chrono::steady_clock::now();
+            for (auto now = spin_start; epoch == seen && now < spin_start + kSpin; now = std::chrono::steady_clock::now()) {
                 for (int i = 0; i < 64; ++i) FASTADAM_PAUSE();
-                epoch = ticket_.load(std::memory_order_acquire) >> 32;
+                // Back-to-back steps come within a few microseconds. After that, let a
+                // thread that waits for this core run (more threads than cores).
+                if (now > spin_start + kSpinBeforeYield) std::this_thread::yield();
+                epoch = epoch_.load(std::memory_order_acquire);
             }
             if (epoch == seen) {
                 std::unique_lock<std::mutex> lock(wake_mutex_);
                 awake_.fetch_sub(1, std::memory_order_relaxed);
-                wake_.wait(lock, [&] { return (ticket_.load(std::memory_order_acquire) >> 32) != seen; });
+                wake_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
                 awake_.fetch_add(1, std::memory_order_relaxed);
-                epoch = ticket_.load(std::memory_order_acquire) >> 32;
+                epoch = epoch_.load(std::memory_order_acquire);
             }
             seen = epoch;
-            if (id < helpers_.load(std::memory_order_relaxed)) work(epoch);  // this job wants `helpers_` of us
+            if (id < helpers_.load(std::memory_order_relaxed)) work(epoch, id + 1);  // this job wants `helpers_` of us
         }
     }
 
     std::mutex job_mutex_;
     std::mutex wake_mutex_;
     std::condition_variable wake_;
-    std::atomic<std::uint64_t> ticket_{0};  // epoch << 32 | next chunk to claim
-    std::atomic<ChunkFn> fn_{nullptr};
+    std::atomic<std::uint64_t> epoch_{0};  // the current job's number (low 32 bits)
+    struct alignas(64) Share {  // one line each: an owner's claims do not disturb the other cores
+        std::atomic<std::uint64_t> left{0};
+    };
+    Share share_[kMaxShares];  // each share's units not yet claimed
+    std::atomic<UnitFn> fn_{nullptr};
     std::atomic<void*> context_{nullptr};
-    std::atomic<int> chunks_{0};
+    std::atomic<int> shares_{0};
+    std::atomic<int> units_per_share_{0};
     std::atomic<int> done_{0};
     std::atomic<int> helpers_{0};
     std::atomic<int> awake_{0};  // workers spinning or working
