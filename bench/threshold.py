@@ -26,6 +26,9 @@ ROUNDS = 300
 def main() -> None:
     print(f"fastadam {fastadam.__version__}, {fastadam.get_isa()}, min_elements_per_thread={fastadam._core.min_elements_per_thread}")
     arrays = {n: [np.ones(n, np.float32) for _ in range(4)] for n in SIZES}
+    # OpenBLAS's threads busy-wait for a while after NumPy's import; on a 2-core machine
+    # one of them can take the core a worker needs for the whole short run.
+    time.sleep(0.5)
     samples: dict[tuple[int, int], list[float]] = {(n, t): [] for n in SIZES for t in (1, 2)}
     for _ in range(ROUNDS):
         for n in SIZES:

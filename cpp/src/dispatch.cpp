@@ -10,6 +10,11 @@
 #include "isa_table.hpp"
 #include "work_pool.hpp"
 
+// Elements per unit of a thread's share of a step (for_each_share); a build-time setting.
+#ifndef FASTADAM_UNIT_ELEMENTS
+#define FASTADAM_UNIT_ELEMENTS 65536
+#endif
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -219,11 +224,13 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
         const std::int64_t aligned = local - (first + local) % line;
         return offsets[k] + std::max<std::int64_t>(aligned, 0);
     };
-    // Units of about 16384 elements (a few microseconds of work): small enough that a
-    // slow worker's remainder is shared out finely, large enough that claiming one (one
-    // atomic operation) costs nothing next to running it. At least two per share, so
-    // that a worker that starts a little late still runs part of its own share.
-    constexpr std::int64_t unit_elements = 16384;
+    // Units of about FASTADAM_UNIT_ELEMENTS (65536: ~15 us of work for one core in
+    // cache), at least two per share: small enough that a slow worker's remainder is
+    // shared out, large enough that a unit's fixed costs (a claim, the tensor lookup, the
+    // step's scalars) vanish next to its work; 16384 measured no faster (fastadam_bench
+    // adam/avx512/threads:2). Shares under two units get two smaller ones, so that a worker
+    // that starts a little late still runs part of its own share.
+    constexpr std::int64_t unit_elements = FASTADAM_UNIT_ELEMENTS;
     const int units_per_share = static_cast<int>(
         std::clamp<std::int64_t>(total / threads / unit_elements, 2, WorkPool::kMaxUnitsPerShare));
     const int units = threads * units_per_share;

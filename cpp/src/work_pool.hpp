@@ -8,15 +8,16 @@
 // next time slice and a 20 us step takes milliseconds. Here every participant owns a
 // contiguous share of the step, cut into units: it runs its own units from the front,
 // then takes the units still left at the back of the others' shares. A late worker
-// finds its share done and goes back to sleep; a worker on a core that another process
-// also uses finishes less of its share, and the others finish the rest. On a quiet
-// machine every share stays with its owner, so each core sees the same part of the
-// arrays at every step (its cache keeps it). The thread *count* still follows
+// finds its share done by others; a worker on a core that another process also uses
+// finishes less of its share, and the others finish the rest. On a quiet machine a
+// share mostly stays with its owner, so each core sees the same part of the arrays at
+// every step (its cache keeps it). The thread *count* still follows
 // OpenMP's settings (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl); see
 // dispatch.cpp.
 #pragma once
 
 #include <atomic>
+#include <cassert>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -37,9 +38,8 @@ public:
     // fn(context, unit) runs one unit of a job; units [p * units_per_share, (p + 1) *
     // units_per_share) are participant p's share (the caller is participant 0).
     using UnitFn = void (*)(void* context, int unit);
-    // How long an idle worker spins for the next job before it sleeps, and after how
-    // much of that it lets other threads have its core between checks.
-    static constexpr std::chrono::microseconds kSpin{50}, kSpinBeforeYield{10};
+    // How long an idle worker spins for the next job before it sleeps.
+    static constexpr std::chrono::microseconds kSpin{50};
     // How many pauses the caller spins for the workers' last units before it yields its core.
     static constexpr int kPausesBeforeYield = 4096;
     // Participants (caller included) and units per share a job may have.
@@ -54,6 +54,7 @@ public:
     // Runs fn(context, u) for every u in [0, shares * units_per_share) on the caller and
     // up to `shares - 1` workers; returns when every unit is done.
     void run(int shares, int units_per_share, UnitFn fn, void* context) {
+        assert(shares >= 1 && shares <= kMaxShares && units_per_share >= 1 && units_per_share <= kMaxUnitsPerShare);
         std::lock_guard<std::mutex> one_job(job_mutex_);  // callers from several Python threads take turns
         ensure_workers(shares - 1);
         fn_.store(fn, std::memory_order_relaxed);
@@ -150,12 +151,14 @@ private:
         for (;;) {
             // Spin briefly (steps often come back to back), then sleep.
             std::uint64_t epoch = epoch_.load(std::memory_order_acquire);
-            const auto spin_start = std::chrono::steady_clock::now();
-            for (auto now = spin_start; epoch == seen && now < spin_start + kSpin; now = std::chrono::steady_clock::now()) {
-                for (int i = 0; i < 64; ++i) FASTADAM_PAUSE();
-                // Back-to-back steps come within a few microseconds. After that, let a
-                // thread that waits for this core run (more threads than cores).
-                if (now > spin_start + kSpinBeforeYield) std::this_thread::yield();
+            const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+            while (epoch == seen && std::chrono::steady_clock::now() < spin_until) {
+                // A pause takes ~25 ns on this project's machine: checking every 4 starts a
+                // spinning worker within ~0.1 us of a job (every 64: up to 1.6 us, a tenth
+                // of a 1e5-element step; fastadam_bench adam/*/threads:2, README).
+                // (No sched_yield here: with it, bench/threshold.py's alternating 1- and
+                // 2-thread steps measured no gain from the second thread.)
+                for (int i = 0; i < 4; ++i) FASTADAM_PAUSE();
                 epoch = epoch_.load(std::memory_order_acquire);
             }
             if (epoch == seen) {
