@@ -11,9 +11,8 @@
 // finds its share done by others; a worker on a core that another process also uses
 // finishes less of its share, and the others finish the rest. On a quiet machine a
 // share mostly stays with its owner, so each core sees the same part of the arrays at
-// every step (its cache keeps it). The thread *count* still follows
-// OpenMP's settings (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl); see
-// dispatch.cpp.
+// every step (its cache keeps it). The thread *count* still follows OpenMP's settings
+// (OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl); see dispatch.cpp.
 #pragma once
 
 #include <atomic>
