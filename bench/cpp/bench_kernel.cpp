@@ -20,8 +20,9 @@
 //   --max_n=N             skip single-tensor sizes above N
 //   --threads=1,2         thread counts (default 1,2)
 //   --layout=staggered    where the 4 arrays start (see Layout): staggered (default, 64-byte
-//                         aligned, no 4K aliasing) or numpy (16 bytes past a page, as NumPy's
-//                         large arrays: misaligned and 4K-aliased)
+//                         aligned, no 4K aliasing), numpy (16 bytes past a page, as NumPy's
+//                         large arrays: misaligned and 4K-aliased) or heap (each array at
+//                         another offset within a 64-byte line)
 // Buffers are allocated and first-touched once per size and reused by every benchmark of
 // that size (about 2 GB in all with the default sizes), so the big sizes stay cheap in a
 // smoke run: --benchmark_min_time=0.01 runs all of them in a few seconds.
@@ -72,8 +73,11 @@ constexpr std::int64_t kMultiStride = 1008;  // 1000 floats padded to a multiple
 //  staggered (default): 64-byte aligned, starts 1088 bytes apart modulo 4 KiB, so no two
 //    arrays collide in the L1 sets or in the CPU's 4K store-to-load alias check;
 //  numpy: every array 16 bytes past a 4 KiB page, as glibc's malloc (and so NumPy)
-//    places arrays of 128 KiB and more: misaligned for SIMD and 4K-aliased to each other.
-enum class Layout { staggered, numpy };
+//    places arrays of 128 KiB and more: misaligned for SIMD and 4K-aliased to each other;
+//  heap: 48, 0, 32 and 16 bytes past a 64-byte line (and staggered within the page), as
+//    glibc's heap places arrays below its mmap threshold, which grows to 32 MiB once a
+//    large block has been freed (importing torch does): no peel can align them all.
+enum class Layout { staggered, numpy, heap };
 Layout g_layout = Layout::staggered;
 
 struct FreeDeleter {
@@ -138,7 +142,10 @@ std::unique_ptr<Arrays> make_arrays(Kind kind, std::int64_t n) {
     a->block = alloc_block(4 * span);
     float** arrays[4] = {&a->param, &a->grad, &a->exp_avg, &a->exp_avg_sq};
     for (std::size_t k = 0; k < 4; ++k) {
-        const std::size_t offset = g_layout == Layout::numpy ? 16 : k * 1088;
+        const std::size_t in_line[4] = {48, 0, 32, 16};
+        const std::size_t offset = g_layout == Layout::numpy ? 16
+                                   : g_layout == Layout::heap ? k * 1088 + in_line[k]
+                                                              : k * 1088;
         *arrays[k] = reinterpret_cast<float*>(a->block.get() + k * span + offset);
     }
     float *p = a->param, *g = a->grad, *m = a->exp_avg, *v = a->exp_avg_sq;
@@ -425,7 +432,8 @@ bool parse_own_flags(int* argc, char** argv, std::vector<std::int64_t>& sizes, s
         } else if (std::strncmp(arg, "--layout=", 9) == 0) {
             if (std::strcmp(arg + 9, "staggered") == 0) g_layout = Layout::staggered;
             else if (std::strcmp(arg + 9, "numpy") == 0) g_layout = Layout::numpy;
-            else return std::fprintf(stderr, "fastadam_bench: bad %s (staggered or numpy)\n", arg), false;
+            else if (std::strcmp(arg + 9, "heap") == 0) g_layout = Layout::heap;
+            else return std::fprintf(stderr, "fastadam_bench: bad %s (staggered, numpy or heap)\n", arg), false;
         } else if (std::strncmp(arg, "--threads=", 10) == 0) {
             if (!parse_list(arg + 10, threads) || *std::max_element(threads.begin(), threads.end()) > 1024)
                 return std::fprintf(stderr, "fastadam_bench: bad %s\n", arg), false;
@@ -459,7 +467,8 @@ int main(int argc, char** argv) {
     benchmark::AddCustomContext("fastadam_has_openmp", fastadam::has_openmp() ? "true" : "false");
     benchmark::AddCustomContext("fastadam_min_elements_per_thread", std::to_string(fastadam::kMinElementsPerThread));
     benchmark::AddCustomContext("fastadam_bytes_per_element", std::to_string(kBytesPerElement));
-    benchmark::AddCustomContext("fastadam_bench_layout", g_layout == Layout::numpy ? "numpy" : "staggered");
+    benchmark::AddCustomContext("fastadam_bench_layout",
+                                g_layout == Layout::numpy ? "numpy" : g_layout == Layout::heap ? "heap" : "staggered");
 
     // Size outermost, then adam next to stream, so the console table reads as kernel vs bound.
     for (std::int64_t n : sizes) {
