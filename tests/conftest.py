@@ -54,3 +54,26 @@ def torch_or_skip():
             pytest.fail("torch is not installed but CI=true: .ci/run must install torch==2.13.0")
         pytest.skip("torch is not installed (pip install torch==2.13.0) -- torch comparison not run")
     return torch
+
+
+def deepspeed_cpu_adam_or_skip():
+    """DeepSpeed's DeepSpeedCPUAdam (the bench's opt-in peer), or a visible skip; in CI a missing one fails."""
+    torch_or_skip()
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("deepspeed is not installed but CI=true: .ci/run must install deepspeed==0.19.8")
+        pytest.skip("deepspeed is not installed (pip install deepspeed) -- the bench's DeepSpeed contender not checked")
+    return DeepSpeedCPUAdam
+
+
+def optax_or_skip():
+    """jax and optax (the bench's opt-in JAX peer), or a visible skip; in CI a missing one fails."""
+    try:
+        import jax  # noqa: F401
+        import optax  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("jax or optax is not installed but CI=true: .ci/run must install jax==0.10.2 optax==0.2.8")
+        pytest.skip("jax/optax is not installed (pip install jax optax) -- the bench's optax contender not checked")

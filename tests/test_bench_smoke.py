@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
+import numpy as np
 import pytest
+from conftest import deepspeed_cpu_adam_or_skip, optax_or_skip, torch_or_skip
 
-from fastadam import benchmark
+from fastadam import benchmark, reference
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +81,48 @@ def test_run_without_torch_contenders(bench):
     _check_results(bench, results, cases, ["fastadam", "numpy"], threads=2)
     with pytest.raises(ValueError):
         bench.run(cases, contenders=["fastadam", "nope"])
+
+
+@pytest.mark.parametrize("name", ["torch", "torch_foreach", "torch_fused", "deepspeed", "optax"])
+def test_peer_contenders_take_adams_step(bench, name):
+    """What the bench times for each peer is Adam's step at the bench's lr: three steps match the reference."""
+    if name == "deepspeed":
+        deepspeed_cpu_adam_or_skip()
+    elif name == "optax":
+        optax_or_skip()
+    else:
+        torch_or_skip()
+    case = bench.Case("odd sizes", ((1000,), (37,), (3, 129)), "multi")
+    data = bench._init_data(case, seed=1)
+    step = bench._make_contender(name, case, data)
+    for _ in range(3):
+        step()
+    if name == "optax":
+        got = step.params()
+    else:
+        got = [t.detach().numpy() for t in step.__self__.param_groups[0]["params"]]
+    assert len(got) == case.tensors
+    for (p0, g), p_peer in zip(data, got):
+        p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+        for t in (1, 2, 3):
+            reference.adam_step(p, g, m, v, step=t, lr=bench.LR)
+        assert p_peer.shape == p0.shape and p_peer.dtype == np.float32
+        assert np.abs(p_peer - p0).min() > 1e-4  # every element moved, by about 3 * lr
+        # Compared as steps taken: the peers round differently (DeepSpeed also rounds 1 - beta2 to
+        # float32 first, which moves its exp_avg_sq by 1.3e-5 relative and its step by ~5e-6). A
+        # wrong lr, beta or bias correction would be off by a large part of the step.
+        np.testing.assert_allclose(p_peer - p0, p - p0, rtol=1e-4, atol=0)
+    if name in ("deepspeed", "optax"):
+        threads = len(os.sched_getaffinity(0)) if name == "optax" else 1
+        cases = [bench.single_case(100), bench.many_case(count=3, size=10)]
+        results = bench.run(cases, threads=threads, repeats=2, contenders=["fastadam", name], warmup=0, min_sample_time=0.001)
+        _check_results(bench, results, cases, ["fastadam", name], threads=threads)
+
+
+def test_optax_needs_every_cpu(bench):
+    optax_or_skip()
+    with pytest.raises(ValueError, match="optax.*threads="):
+        bench.run([bench.single_case(10)], threads=len(os.sched_getaffinity(0)) + 1, contenders=["fastadam", "optax"])
 
 
 def test_main_quick_writes_json(bench, tmp_path, capsys):

@@ -9,6 +9,15 @@ Contenders (each on its own copies of the same data; nothing is shared):
 * ``torch``, ``torch_foreach``, ``torch_fused`` -- ``torch.optim.Adam(..., foreach=False)``,
   ``foreach=True``, ``fused=True``; ``.grad`` set once, only ``opt.step()`` is timed
   (only when torch is importable).
+* ``deepspeed``      -- (opt-in) DeepSpeed's ``DeepSpeedCPUAdam(..., adamw_mode=False)``, the
+                        CPU Adam of ZeRO-Offload, timed like torch's. Needs ``pip install
+                        deepspeed`` beside torch; its first use compiles DeepSpeed's C++ op
+                        (about a minute), which is why it is not a default. It runs on
+                        torch's OpenMP threads, so ``threads`` applies to it too.
+* ``optax``          -- (opt-in) JAX's ``optax.adam`` under ``jax.jit`` on the CPU, params and
+                        state donated (updated in place), each step waited for. Needs ``pip
+                        install jax optax``. XLA runs it on its own pool of one thread per CPU,
+                        so ``threads`` must be the number of usable CPUs.
 
 Cases: single tensors of 1e3 .. 5e7 elements, the 148 parameter tensors of GPT-2 small
 (124.4M parameters), and 1000 tensors of 1000 elements.
@@ -32,6 +41,7 @@ Usage::
     python bench/bench.py --quick                 # small sizes, few repeats (CI smoke)
     python -m fastadam --bench                    # the same quick comparison, from an installed fastadam
     python bench/bench.py --stream-bin build/bench/bench/cpp/fastadam_bench --json out.json --plot out.png
+    python bench/bench.py --contenders fastadam,torch_fused,deepspeed,optax   # with the opt-in peers
 
 The module imports without torch or matplotlib; the core is ``run(cases, threads, repeats,
 contenders) -> list[dict]``, ``format_table(results)``, ``machine_info(threads)``.
@@ -42,6 +52,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
+import importlib.metadata
 import itertools
 import json
 import math
@@ -85,7 +97,7 @@ __all__ = [
 BYTES_PER_ELEMENT = 28  # fp32 Adam: reads param, grad, exp_avg, exp_avg_sq (16 B), writes 3 (12 B)
 SINGLE_SIZES = (1_000, 10_000, 100_000, 1_000_000, 10_000_000, 50_000_000)
 QUICK_SIZES = (1_000, 10_000, 100_000)
-CONTENDERS = ("fastadam", "fastadam_optim", "numpy", "torch", "torch_foreach", "torch_fused")
+CONTENDERS = ("fastadam", "fastadam_optim", "numpy", "torch", "torch_foreach", "torch_fused", "deepspeed", "optax")
 DEFAULT_CONTENDERS = ("fastadam", "numpy", "torch", "torch_foreach", "torch_fused")
 TORCH_CONTENDERS = {"torch": {"foreach": False}, "torch_foreach": {"foreach": True}, "torch_fused": {"fused": True}}
 LABELS = {
@@ -95,6 +107,8 @@ LABELS = {
     "torch": "torch",
     "torch_foreach": "torch foreach",
     "torch_fused": "torch fused",
+    "deepspeed": "DeepSpeed",
+    "optax": "optax",
 }
 LR = 1e-3  # torch's default, for every contender
 
@@ -188,6 +202,56 @@ def _torch() -> Any:
     return torch
 
 
+def _optional(module: str) -> Any:
+    """An optional peer's module, or None. Imported by name: these peers ship no type information."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _deepspeed_cpu_adam() -> Any:
+    """DeepSpeed's DeepSpeedCPUAdam class, or None when deepspeed is not importable."""
+    adam = _optional("deepspeed.ops.adam")
+    return None if adam is None else adam.DeepSpeedCPUAdam
+
+
+def _optax_ready() -> bool:
+    return _optional("jax") is not None and _optional("optax") is not None
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _OptaxAdam:
+    """One jitted ``optax.adam`` step over the case's tensors, params and state donated."""
+
+    def __init__(self, data: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        jax, jnp, optax = _optional("jax"), _optional("jax.numpy"), _optional("optax")
+        self._params = [jnp.array(p) for p, _ in data]  # jnp.array copies: JAX owns its buffers
+        self._grads = [jnp.array(g) for _, g in data]
+        tx = optax.adam(LR)
+        self._state = tx.init(self._params)
+
+        def step(params: Any, state: Any, grads: Any) -> Any:
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        self._step = jax.jit(step, donate_argnums=(0, 1))
+        self._block = jax.block_until_ready
+
+    def __call__(self) -> None:
+        self._params, self._state = self._step(self._params, self._state, self._grads)
+        self._block(self._params)  # JAX dispatches asynchronously; a training loop waits for its params
+
+    def params(self) -> list[np.ndarray]:
+        return [np.asarray(p) for p in self._params]
+
+
 def available_contenders() -> list[str]:
     """The default contenders that can run here: fastadam and NumPy, plus torch's three when importable."""
     names = ["fastadam", "numpy"]
@@ -243,16 +307,27 @@ def _make_contender(name: str, case: Case, data: list[tuple[np.ndarray, np.ndarr
                 ref_step(p, g, m, v, step=step, lr=LR)
 
         return numpy_reference
-    if name in TORCH_CONTENDERS:
+    if name == "optax":
+        if not _optax_ready():
+            raise ValueError("contender 'optax' needs jax and optax, which are not importable (pip install jax optax)")
+        return _OptaxAdam(data)
+    if name in TORCH_CONTENDERS or name == "deepspeed":
         torch = _torch()
         if torch is None:
             raise ValueError(f"contender {name!r} needs torch, which is not importable")
+        cpu_adam = _deepspeed_cpu_adam() if name == "deepspeed" else None
+        if name == "deepspeed" and cpu_adam is None:
+            raise ValueError("contender 'deepspeed' needs deepspeed, which is not importable (pip install deepspeed)")
         tensors = []
         for p, g in data:
             t = torch.from_numpy(p.copy()).requires_grad_(True)  # own memory: copies, not views of fastadam's arrays
             t.grad = torch.from_numpy(g.copy())
             tensors.append(t)
-        opt = torch.optim.Adam(tensors, lr=LR, **TORCH_CONTENDERS[name])
+        if cpu_adam is not None:
+            # adamw_mode=False: Adam's L2 weight decay, as torch.optim.Adam (no decay is used here anyway).
+            opt = cpu_adam(tensors, lr=LR, adamw_mode=False)
+        else:
+            opt = torch.optim.Adam(tensors, lr=LR, **TORCH_CONTENDERS[name])
         return opt.step  # type: ignore[no-any-return]
     raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
 
@@ -351,8 +426,15 @@ def run(
     for name in names:
         if name not in CONTENDERS:
             raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
-        if name in TORCH_CONTENDERS and _torch() is None:
+        if (name in TORCH_CONTENDERS or name == "deepspeed") and _torch() is None:
             raise ValueError(f"contender {name!r} needs torch, which is not importable")
+        if name == "deepspeed" and _deepspeed_cpu_adam() is None:
+            raise ValueError("contender 'deepspeed' needs deepspeed, which is not importable (pip install deepspeed)")
+        if name == "optax" and not _optax_ready():
+            raise ValueError("contender 'optax' needs jax and optax, which are not importable (pip install jax optax)")
+        if name == "optax" and threads != _usable_cpus():
+            raise ValueError(f"contender 'optax' runs on XLA's pool of one thread per CPU: use threads={_usable_cpus()}, "
+                             f"not {threads}, or leave optax out")  # fmt: skip
     if len(set(names)) != len(names):
         raise ValueError("a contender is listed twice")
     if threads < 1 or repeats < 1 or warmup < 0 or not min_sample_time > 0 or not settle_time >= 0:
@@ -558,24 +640,30 @@ def _mem_total_gib() -> float | None:
     return None
 
 
+_PEER_LIBRARIES = (("deepspeed", "deepspeed"), ("optax", "jax"), ("optax", "optax"))
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     """What ran: CPU, cores, memory, library versions, fastadam's ISA, threads, date."""
     torch = _torch()
-    usable: int | None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
     return {
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
+        "usable_cpus": _usable_cpus(),
         "memory_gib": _mem_total_gib(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__ if torch is not None else None,
+        **{name: _installed_version(name) for name in ("deepspeed", "jax", "optax")},
         "fastadam": fastadam.__version__,
         "fastadam_isa": fastadam.get_isa(),
         "fastadam_available_isas": list(fastadam.available_isas()),
@@ -741,7 +829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     machine = machine_info(args.threads)
     print(f"# {machine['cpu_model']}, {machine['usable_cpus']} CPU(s); fastadam {machine['fastadam']} ({machine['fastadam_isa']}), "
-          f"numpy {machine['numpy']}, torch {machine['torch'] or 'not installed'}; {args.threads} thread(s), "
+          f"numpy {machine['numpy']}, torch {machine['torch'] or 'not installed'}"
+          + "".join(f", {lib} {machine[lib]}" for name, lib in _PEER_LIBRARIES if name in contenders)
+          + f"; {args.threads} thread(s), "
           f"{repeats} interleaved rounds, {machine['date']}")
     if bound:
         print(f"# bound: {bound['gbs']:.1f} GB/s ({bound.get('benchmark', bound['source'])})")
