@@ -51,8 +51,8 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --upgrade pip
 # cython + setuptools: the Cython cimport test compiles an extension against the wheel.
 "$work/venv/bin/python" -m pip install -q "$whl[test]" torch==2.13.0 "cython>=3" setuptools
-# The benchmark's opt-in peers, as in .ci/run (after torch, so that deepspeed keeps it).
-"$work/venv/bin/python" -m pip install -q deepspeed==0.19.8 jax==0.10.2 optax==0.2.8
+# The benchmark's opt-in peers, as in .ci/run (with torch's pin, so that deepspeed keeps it).
+"$work/venv/bin/python" -m pip install -q torch==2.13.0 deepspeed==0.19.8 jax==0.10.2 optax==0.2.8
 cp -r tests "$work/tests"
 (
   cd "$work"

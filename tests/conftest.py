@@ -45,12 +45,17 @@ def _restore_isa_and_threads():
     fastadam.set_num_threads(0)
 
 
+def in_ci():
+    """CI=true: a missing test dependency fails instead of skipping."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def torch_or_skip():
     """torch, or a visible skip; in CI (CI=true) a missing torch fails instead."""
     try:
         import torch
     except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail("torch is not installed but CI=true: .ci/run must install torch==2.13.0")
         pytest.skip("torch is not installed (pip install torch==2.13.0) -- torch comparison not run")
     return torch
@@ -62,7 +67,7 @@ def deepspeed_cpu_adam_or_skip():
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
     except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail("deepspeed is not installed but CI=true: .ci/run must install deepspeed==0.19.8")
         pytest.skip("deepspeed is not installed (pip install deepspeed) -- the bench's DeepSpeed contender not checked")
     return DeepSpeedCPUAdam
@@ -74,6 +79,6 @@ def optax_or_skip():
         import jax  # noqa: F401
         import optax  # noqa: F401
     except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail("jax or optax is not installed but CI=true: .ci/run must install jax==0.10.2 optax==0.2.8")
         pytest.skip("jax/optax is not installed (pip install jax optax) -- the bench's optax contender not checked")

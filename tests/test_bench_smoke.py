@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -99,10 +98,15 @@ def test_peer_contenders_take_adams_step(bench, name):
         step()
     if name == "optax":
         got = step.params()
+        adam_state = step._state[0]  # optax's ScaleByAdamState
+        moments = [(np.asarray(mu), np.asarray(nu)) for mu, nu in zip(adam_state.mu, adam_state.nu)]
     else:
-        got = [t.detach().numpy() for t in step.__self__.param_groups[0]["params"]]
-    assert len(got) == case.tensors
-    for (p0, g), p_peer in zip(data, got):
+        opt = step.__self__
+        tensors = opt.param_groups[0]["params"]
+        got = [t.detach().numpy() for t in tensors]
+        moments = [(opt.state[t]["exp_avg"].numpy(), opt.state[t]["exp_avg_sq"].numpy()) for t in tensors]
+    assert len(got) == len(moments) == case.tensors
+    for (p0, g), p_peer, (m_peer, v_peer) in zip(data, got, moments):
         p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
         for t in (1, 2, 3):
             reference.adam_step(p, g, m, v, step=t, lr=bench.LR)
@@ -110,19 +114,32 @@ def test_peer_contenders_take_adams_step(bench, name):
         assert np.abs(p_peer - p0).min() > 1e-4  # every element moved, by about 3 * lr
         # Compared as steps taken: the peers round differently (DeepSpeed also rounds 1 - beta2 to
         # float32 first, which moves its exp_avg_sq by 1.3e-5 relative and its step by ~5e-6). A
-        # wrong lr, beta or bias correction would be off by a large part of the step.
+        # wrong lr would be off by its own error. The gradient is the same at every step, so the
+        # bias-corrected step hardly depends on the betas: the moments check those.
         np.testing.assert_allclose(p_peer - p0, p - p0, rtol=1e-4, atol=0)
+        np.testing.assert_allclose(m_peer, m, rtol=1e-4, atol=0)
+        np.testing.assert_allclose(v_peer, v, rtol=1e-4, atol=0)
     if name in ("deepspeed", "optax"):
-        threads = len(os.sched_getaffinity(0)) if name == "optax" else 1
+        threads = bench._usable_cpus() if name == "optax" else 1
         cases = [bench.single_case(100), bench.many_case(count=3, size=10)]
         results = bench.run(cases, threads=threads, repeats=2, contenders=["fastadam", name], warmup=0, min_sample_time=0.001)
         _check_results(bench, results, cases, ["fastadam", name], threads=threads)
 
 
+@pytest.mark.parametrize("name, missing", [("deepspeed", "deepspeed.ops.adam"), ("optax", "optax"), ("optax", "jax")])
+def test_missing_peer_library_names_the_install(bench, monkeypatch, name, missing):
+    real = bench._optional
+    monkeypatch.setattr(bench, "_optional", lambda module: None if module == missing else real(module))
+    with pytest.raises(ValueError, match=rf"contender '{name}' needs .*\(pip install "):
+        bench.run([bench.single_case(10)], threads=bench._usable_cpus(), contenders=["fastadam", name])
+    with pytest.raises(SystemExit):  # the command line reports it as a usage error
+        bench.main(["--cases", "single", "--sizes", "10", "--contenders", f"fastadam,{name}", "--threads", str(bench._usable_cpus())])
+
+
 def test_optax_needs_every_cpu(bench):
     optax_or_skip()
     with pytest.raises(ValueError, match="optax.*threads="):
-        bench.run([bench.single_case(10)], threads=len(os.sched_getaffinity(0)) + 1, contenders=["fastadam", "optax"])
+        bench.run([bench.single_case(10)], threads=bench._usable_cpus() + 1, contenders=["fastadam", "optax"])
 
 
 def test_main_quick_writes_json(bench, tmp_path, capsys):

@@ -17,7 +17,7 @@ import pytest
 
 import fastadam
 
-from conftest import DTYPES, first_difference, same_bits
+from conftest import DTYPES, first_difference, in_ci, same_bits
 
 PYX = textwrap.dedent(
     """
@@ -97,7 +97,7 @@ SETUP = textwrap.dedent(
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if in_ci():
         pytest.fail(f"{reason} but CI=true: .ci/run must provide it (pip install '.[test]', which has cython and setuptools)")
     pytest.skip(f"{reason} -- Cython API test not run")
 

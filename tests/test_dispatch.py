@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import in_ci
 
 import fastadam
 
@@ -94,7 +95,7 @@ def test_default_threads_follow_omp_num_threads():
 def disassembly():
     objdump = shutil.which("objdump")
     if objdump is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail("objdump (binutils) is missing in CI")
         pytest.skip("objdump (binutils) is not installed")
     out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", fastadam._core.__file__], capture_output=True, text=True, check=True)

@@ -10,7 +10,9 @@ Contenders (each on its own copies of the same data; nothing is shared):
   ``foreach=True``, ``fused=True``; ``.grad`` set once, only ``opt.step()`` is timed
   (only when torch is importable).
 * ``deepspeed``      -- (opt-in) DeepSpeed's ``DeepSpeedCPUAdam(..., adamw_mode=False)``, the
-                        CPU Adam of ZeRO-Offload, timed like torch's. Needs ``pip install
+                        CPU Adam of ZeRO-Offload, timed like torch's (one tensor per parameter;
+                        ZeRO-Offload passes it one flat buffer, as in the single-tensor
+                        cases). Needs ``pip install
                         deepspeed`` beside torch; its first use compiles DeepSpeed's C++ op
                         (about a minute), which is why it is not a default. It runs on
                         torch's OpenMP threads, so ``threads`` applies to it too.
@@ -85,6 +87,7 @@ __all__ = [
     "many_case",
     "default_cases",
     "available_contenders",
+    "check_contenders",
     "run",
     "format_table",
     "machine_info",
@@ -241,7 +244,8 @@ class _OptaxAdam:
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
-        self._step = jax.jit(step, donate_argnums=(0, 1))
+        # Compiled here, not on the first (possibly timed) call.
+        self._step = jax.jit(step, donate_argnums=(0, 1)).lower(self._params, self._state, self._grads).compile()
         self._block = jax.block_until_ready
 
     def __call__(self) -> None:
@@ -250,6 +254,35 @@ class _OptaxAdam:
 
     def params(self) -> list[np.ndarray]:
         return [np.asarray(p) for p in self._params]
+
+
+def _missing_peer(name: str) -> str | None:
+    """Why contender ``name`` cannot run here (with the fix), or None."""
+    if name in TORCH_CONTENDERS or name == "deepspeed":
+        if _torch() is None:
+            return f"contender {name!r} needs torch, which is not importable (pip install torch)"
+    if name == "deepspeed" and _deepspeed_cpu_adam() is None:
+        return "contender 'deepspeed' needs deepspeed, which is not importable (pip install deepspeed)"
+    if name == "optax" and not _optax_ready():
+        return "contender 'optax' needs jax and optax, which are not importable (pip install jax optax)"
+    return None
+
+
+def check_contenders(names: Sequence[str], threads: int) -> None:
+    """Raises ValueError (naming the fix) unless every contender in ``names`` can run here with ``threads``."""
+    if not names:
+        raise ValueError("no contenders")
+    for name in names:
+        if name not in CONTENDERS:
+            raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+        problem = _missing_peer(name)
+        if problem:
+            raise ValueError(problem)
+        if name == "optax" and threads != _usable_cpus():
+            raise ValueError(f"contender 'optax' runs on XLA's pool of one thread per CPU: use threads={_usable_cpus()}, "
+                             f"not {threads}, or leave optax out")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise ValueError("a contender is listed twice")
 
 
 def available_contenders() -> list[str]:
@@ -307,17 +340,14 @@ def _make_contender(name: str, case: Case, data: list[tuple[np.ndarray, np.ndarr
                 ref_step(p, g, m, v, step=step, lr=LR)
 
         return numpy_reference
+    problem = _missing_peer(name)
+    if problem:
+        raise ValueError(problem)
     if name == "optax":
-        if not _optax_ready():
-            raise ValueError("contender 'optax' needs jax and optax, which are not importable (pip install jax optax)")
         return _OptaxAdam(data)
     if name in TORCH_CONTENDERS or name == "deepspeed":
         torch = _torch()
-        if torch is None:
-            raise ValueError(f"contender {name!r} needs torch, which is not importable")
         cpu_adam = _deepspeed_cpu_adam() if name == "deepspeed" else None
-        if name == "deepspeed" and cpu_adam is None:
-            raise ValueError("contender 'deepspeed' needs deepspeed, which is not importable (pip install deepspeed)")
         tensors = []
         for p, g in data:
             t = torch.from_numpy(p.copy()).requires_grad_(True)  # own memory: copies, not views of fastadam's arrays
@@ -325,6 +355,8 @@ def _make_contender(name: str, case: Case, data: list[tuple[np.ndarray, np.ndarr
             tensors.append(t)
         if cpu_adam is not None:
             # adamw_mode=False: Adam's L2 weight decay, as torch.optim.Adam (no decay is used here anyway).
+            # One tensor per parameter, as a model's parameters are handed to an optimizer. ZeRO-Offload
+            # instead hands DeepSpeedCPUAdam one flat buffer per group: that use is the single-tensor cases.
             opt = cpu_adam(tensors, lr=LR, adamw_mode=False)
         else:
             opt = torch.optim.Adam(tensors, lr=LR, **TORCH_CONTENDERS[name])
@@ -421,22 +453,7 @@ def run(
     ``fastadam_fraction`` (median over rounds of fastadam's GB/s / the bound's in that round).
     """
     names = list(contenders) if contenders is not None else available_contenders()
-    if not names:
-        raise ValueError("no contenders")
-    for name in names:
-        if name not in CONTENDERS:
-            raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
-        if (name in TORCH_CONTENDERS or name == "deepspeed") and _torch() is None:
-            raise ValueError(f"contender {name!r} needs torch, which is not importable")
-        if name == "deepspeed" and _deepspeed_cpu_adam() is None:
-            raise ValueError("contender 'deepspeed' needs deepspeed, which is not importable (pip install deepspeed)")
-        if name == "optax" and not _optax_ready():
-            raise ValueError("contender 'optax' needs jax and optax, which are not importable (pip install jax optax)")
-        if name == "optax" and threads != _usable_cpus():
-            raise ValueError(f"contender 'optax' runs on XLA's pool of one thread per CPU: use threads={_usable_cpus()}, "
-                             f"not {threads}, or leave optax out")  # fmt: skip
-    if len(set(names)) != len(names):
-        raise ValueError("a contender is listed twice")
+    check_contenders(names, threads)
     if threads < 1 or repeats < 1 or warmup < 0 or not min_sample_time > 0 or not settle_time >= 0:
         raise ValueError("need threads >= 1, repeats >= 1, warmup >= 0, min_sample_time > 0 and settle_time >= 0")
 
@@ -640,7 +657,7 @@ def _mem_total_gib() -> float | None:
     return None
 
 
-_PEER_LIBRARIES = (("deepspeed", "deepspeed"), ("optax", "jax"), ("optax", "optax"))
+_PEER_LIBRARIES = (("deepspeed", "deepspeed"), ("optax", "jax"), ("optax", "optax"))  # (contender, library)
 
 
 def _installed_version(distribution: str) -> str | None:
@@ -663,7 +680,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__ if torch is not None else None,
-        **{name: _installed_version(name) for name in ("deepspeed", "jax", "optax")},
+        **{lib: _installed_version(lib) for _, lib in _PEER_LIBRARIES},
         "fastadam": fastadam.__version__,
         "fastadam_isa": fastadam.get_isa(),
         "fastadam_available_isas": list(fastadam.available_isas()),
@@ -788,7 +805,7 @@ def _parse_names(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2, help="threads for fastadam and torch (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for fastadam, torch and DeepSpeed (default 2; optax always uses every CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds; the median is reported (default 11, quick 3)")
     ap.add_argument("--quick", action="store_true", help="small sizes and the 1000 x 1000 case only, few repeats (CI smoke)")
     ap.add_argument("--sizes", type=_parse_sizes, default=None, help="single-tensor sizes, e.g. 1e3,1e6,5e7")
@@ -819,6 +836,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     contenders = args.contenders if args.contenders is not None else available_contenders()
+    try:
+        check_contenders(contenders, args.threads)
+    except ValueError as e:
+        ap.error(str(e))
 
     bound: dict[str, Any] | None = None
     if args.stream_json:
