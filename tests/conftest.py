@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import numpy as np
@@ -50,35 +51,28 @@ def in_ci():
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def torch_or_skip():
-    """torch, or a visible skip; in CI (CI=true) a missing torch fails instead."""
+def import_or_skip(module, pin, what):
+    """``module``, or a visible skip saying that ``what`` was not run; in CI (CI=true) a
+    missing module fails instead, naming the install (``pin``) .ci/run must do."""
     try:
-        import torch
+        return importlib.import_module(module)
     except ImportError:
         if in_ci():
-            pytest.fail("torch is not installed but CI=true: .ci/run must install torch==2.13.0")
-        pytest.skip("torch is not installed (pip install torch==2.13.0) -- torch comparison not run")
-    return torch
+            pytest.fail(f"{module} is not importable but CI=true: .ci/run must install {pin}")
+        pytest.skip(f"{module} is not installed (pip install {pin}) -- {what} not run")
+
+
+def torch_or_skip():
+    return import_or_skip("torch", "torch==2.13.0", "torch comparison")
 
 
 def deepspeed_cpu_adam_or_skip():
-    """DeepSpeed's DeepSpeedCPUAdam (the bench's opt-in peer), or a visible skip; in CI a missing one fails."""
+    """DeepSpeed's DeepSpeedCPUAdam: the benchmark's opt-in peer."""
     torch_or_skip()
-    try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-    except ImportError:
-        if in_ci():
-            pytest.fail("deepspeed is not installed but CI=true: .ci/run must install deepspeed==0.19.8")
-        pytest.skip("deepspeed is not installed (pip install deepspeed) -- the bench's DeepSpeed contender not checked")
-    return DeepSpeedCPUAdam
+    return import_or_skip("deepspeed.ops.adam", "deepspeed==0.19.8", "check of the bench's DeepSpeed contender").DeepSpeedCPUAdam
 
 
 def optax_or_skip():
-    """jax and optax (the bench's opt-in JAX peer), or a visible skip; in CI a missing one fails."""
-    try:
-        import jax  # noqa: F401
-        import optax  # noqa: F401
-    except ImportError:
-        if in_ci():
-            pytest.fail("jax or optax is not installed but CI=true: .ci/run must install jax==0.10.2 optax==0.2.8")
-        pytest.skip("jax/optax is not installed (pip install jax optax) -- the bench's optax contender not checked")
+    """jax and optax: the benchmark's opt-in JAX peer."""
+    for module in ("jax", "optax"):
+        import_or_skip(module, "jax==0.10.2 optax==0.2.8", "check of the bench's optax contender")
