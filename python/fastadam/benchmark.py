@@ -197,20 +197,16 @@ def default_cases(quick: bool = False, sizes: Iterable[int] | None = None, group
 # ----- contenders --------------------------------------------------------------------
 
 
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
 def _optional(module: str) -> Any:
-    """An optional peer's module, or None. Imported by name: these peers ship no type information."""
+    """An optional peer's module, or None. Imported by name: deepspeed, jax and optax ship no type information."""
     try:
         return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def _torch() -> Any:
+    return _optional("torch")
 
 
 def _deepspeed_cpu_adam() -> Any:
