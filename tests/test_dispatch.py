@@ -136,20 +136,25 @@ MEMORY_OPERAND = re.compile(r"(-?0x[0-9a-f]+)?\((%\w+)(?:,(%\w+),(\d))?\)")
 
 
 def loads_after_stores(function: str, marker: str) -> tuple[int, list[str]]:
-    """In each loop of a disassembled function (a backward jump over a body containing
-    `marker`), the zmm loads that read the element offset a zmm store earlier in the same
-    pass wrote, in another array: the 4K-aliasing pattern that lanes.hpp's
-    loads_before_stores prevents. Offsets follow the pointer and index increments
-    (add/sub $imm). Returns (loops found, offending instructions)."""
+    """In each innermost loop of a disassembled function (a backward jump over a body
+    containing `marker` and no other such loop), the zmm loads that read the element
+    offset a zmm store earlier in the same pass wrote, in another array: the 4K-aliasing
+    pattern that lanes.hpp's loads_before_stores prevents. Offsets follow the pointer
+    and index increments (add/sub $imm). Returns (loops found, offending instructions)."""
     insns = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"^\s*([0-9a-f]+):\s+(.*)$", function, re.M)]
-    loops, bad = 0, []
+    spans = []
     for at, text in insns:
         jump = re.match(r"j\w+\s+([0-9a-f]+)\b", text)
-        if not jump or int(jump.group(1), 16) >= at:
-            continue
-        body = [t for a, t in insns if int(jump.group(1), 16) <= a <= at]
-        if not any(marker in t for t in body):
-            continue
+        if jump and int(jump.group(1), 16) < at:
+            start = int(jump.group(1), 16)
+            if any(marker in t for a, t in insns if start <= a <= at):
+                spans.append((start, at))
+    # A jump back over a whole function (a peel loop laid out around the rest) is no
+    # pass of the vector loop: keep the loops that contain no other.
+    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    loops, bad = 0, []
+    for start, end in innermost:
+        body = [t for a, t in insns if start <= a <= end]
         loops += 1
         shift: dict[str, int] = {}
         stored: set[int] = set()

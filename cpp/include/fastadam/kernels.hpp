@@ -36,14 +36,26 @@ namespace FASTADAM_ISA_NS {
 
 enum class WeightDecay { none, l2, decoupled };
 
+// What the first half of an update (adam_moments) hands to the second (adam_param).
+template <class V>
+struct Halfway {
+    V param;           // after decoupled weight decay
+    V scaled_exp_avg;  // step_size * exp_avg (this step's)
+    V root;            // sqrt(v_hat)
+};
+
 // The documented order of operations (README, fastadam.reference): each line is
 // one IEEE operation on the array dtype, left to right. V is one element or a SIMD
 // vector of them (lanes.hpp); sqrt gives the IEEE square root of each lane, from the
 // divide unit or, with the same bits, from the FMA units (lanes.hpp).
+// An update is written in two halves so that the AVX-512 loop can overlap one
+// group's square roots with the previous group's divisions (adam_vectors).
+// First half: the loads, the weight decay, the moments (stored) and the square root.
 template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, class T, class Sqrt>
-inline void adam_update(T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad, T* FASTADAM_RESTRICT exp_avg,
-                        T* FASTADAM_RESTRICT exp_avg_sq, T* FASTADAM_RESTRICT max_exp_avg_sq,
-                        const AdamScalars<V>& c, std::int64_t i, Sqrt sqrt) {
+inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad,
+                               T* FASTADAM_RESTRICT exp_avg, T* FASTADAM_RESTRICT exp_avg_sq,
+                               T* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<V>& c, std::int64_t i,
+                               Sqrt sqrt) {
     using L = Lane<V>;
     V g = L::load(grad + i);
     V p = L::load(param + i);
@@ -68,8 +80,22 @@ inline void adam_update(T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT g
         v_hat = nan_max(max_prev, v);
         L::store(max_exp_avg_sq + i, v_hat);
     }
-    const V denom = sqrt(v_hat) * c.inv_bias_correction2_sqrt + c.eps;
-    L::store(param + i, p - c.step_size * m / denom);
+    return {p, c.step_size * m, sqrt(v_hat)};
+}
+
+// Second half: the denominator, the division and the parameter's store.
+template <class V, class T>
+inline void adam_param(T* FASTADAM_RESTRICT param, const AdamScalars<V>& c, std::int64_t i, const Halfway<V>& h) {
+    const V denom = h.root * c.inv_bias_correction2_sqrt + c.eps;
+    Lane<V>::store(param + i, h.param - h.scaled_exp_avg / denom);
+}
+
+template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, class T, class Sqrt>
+inline void adam_update(T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad, T* FASTADAM_RESTRICT exp_avg,
+                        T* FASTADAM_RESTRICT exp_avg_sq, T* FASTADAM_RESTRICT max_exp_avg_sq,
+                        const AdamScalars<V>& c, std::int64_t i, Sqrt sqrt) {
+    adam_param<V>(param, c, i,
+                  adam_moments<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt));
 }
 
 template <class V, class T>
@@ -85,11 +111,11 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
 // square root, then FASTADAM_FMA_VECTORS the FMA units' (lanes.hpp). The divide unit
 // bounds the step in cache (it also does the division), the FMA units carry most of
 // the rest, so moving a share of the square roots balances the two. On this
-// project's Zen 4 machine 3:1 and 2:1 were fastest of the splits measured (README);
-// FMA only was slower than divider only. Other CPUs may prefer another split: both
-// are build-time settings (-DFASTADAM_DIVIDER_VECTORS=2 ...).
+// project's Zen 4 machine 2:1 was fastest of the splits measured with the pipelined
+// loop below (README); FMA only was slower than divider only. Other CPUs may prefer
+// another split: both are build-time settings (-DFASTADAM_DIVIDER_VECTORS=3 ...).
 #ifndef FASTADAM_DIVIDER_VECTORS
-#define FASTADAM_DIVIDER_VECTORS 3
+#define FASTADAM_DIVIDER_VECTORS 2
 #endif
 #ifndef FASTADAM_FMA_VECTORS
 #define FASTADAM_FMA_VECTORS 1
@@ -127,12 +153,45 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
         adam_update<float, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i, scalar_sqrt);
 #if defined(FASTADAM_HAVE_F32X16)
     const auto by_fma = [](V x) { return sqrt_by_fma(x); };
-    constexpr std::int64_t group = (kDividerVectors + kFmaVectors) * L::width;
-    if (rounding_to_nearest()) {
-        for (; i + group <= end; i += group) {
-            for (int k = 0; k < kDividerVectors; ++k) update(i + k * L::width, by_divider);
-            for (int k = kDividerVectors; k < kDividerVectors + kFmaVectors; ++k) update(i + k * L::width, by_fma);
+    constexpr int vectors = kDividerVectors + kFmaVectors;
+    constexpr std::int64_t group = vectors * L::width;
+    // Software-pipelined: the first halves of group n+1 (square roots included) are
+    // issued before the second halves of group n (divisions), so that the FMA units'
+    // long square-root chains overlap the divide unit's work instead of waiting in
+    // the scheduler behind it. Every element still takes the same operations.
+    // Each field in its own array of vectors, declared in the loop: GCC keeps those in
+    // registers, where it spills an array of Halfway structs or a struct of arrays.
+    const auto first_halves = [&](std::int64_t at, V* p, V* m, V* root) {
+        for (int k = 0; k < vectors; ++k) {
+            const Halfway<V> h =
+                k < kDividerVectors
+                    ? adam_moments<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                                                             at + k * L::width, by_divider)
+                    : adam_moments<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                                                             at + k * L::width, by_fma);
+            p[k] = h.param;
+            m[k] = h.scaled_exp_avg;
+            root[k] = h.root;
         }
+    };
+    const auto second_halves = [&](std::int64_t at, const V* p, const V* m, const V* root) {
+        for (int k = 0; k < vectors; ++k) adam_param<V>(param, c, at + k * L::width, Halfway<V>{p[k], m[k], root[k]});
+    };
+    if (rounding_to_nearest() && i + group <= end) {
+        V p[vectors], m[vectors], root[vectors];
+        first_halves(i, p, m, root);
+        for (; i + 2 * group <= end; i += group) {
+            V p_next[vectors], m_next[vectors], root_next[vectors];
+            first_halves(i + group, p_next, m_next, root_next);
+            second_halves(i, p, m, root);
+            for (int k = 0; k < vectors; ++k) {
+                p[k] = p_next[k];
+                m[k] = m_next[k];
+                root[k] = root_next[k];
+            }
+        }
+        second_halves(i, p, m, root);
+        i += group;
     }
 #endif
     for (; i + L::width <= end; i += L::width) update(i, by_divider);
