@@ -142,15 +142,34 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
         adam_update<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
     };
     std::int64_t i = begin;
-    // One element at a time until exp_avg starts a 64-byte line: a vector that straddles
+    // First the elements before exp_avg starts a 64-byte line: a vector that straddles
     // two lines costs two accesses. The optimizer's state is line-aligned already;
     // NumPy's large arrays all sit 16 bytes past a line, so aligning one aligns all
     // (fastadam_bench --layout=numpy, README).
-    const auto scalar_sqrt = [](float x) { return Lane<float>::sqrt(x); };
     const auto line_offset = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(exp_avg + i) % 64);
-    const std::int64_t peel = (64 - line_offset) % 64 / static_cast<std::int64_t>(sizeof(float));
-    for (const std::int64_t stop = end - i < peel ? end : i + peel; i < stop; ++i)
+    std::int64_t peel = (64 - line_offset) % 64 / static_cast<std::int64_t>(sizeof(float));
+    if (peel > end - i) peel = end - i;
+#if defined(FASTADAM_HAVE_F32X16)
+    // AVX-512 takes them, and the last few elements of the range, as one vector with
+    // masked loads and stores (Lane::load_first), staged through a buffer so that the
+    // update is the vector one: up to 15 elements cost one vector, not 15 scalar
+    // square roots and divisions (a 1000-element tensor had up to 30 of those).
+    const auto partial = [&](std::int64_t at, int count) {
+        alignas(64) float staged[5][L::width];
+        float* const written[4] = {param + at, exp_avg + at, exp_avg_sq + at, AMSGRAD ? max_exp_avg_sq + at : nullptr};
+        float* const stage_of[4] = {staged[0], staged[2], staged[3], staged[4]};
+        L::store(staged[1], L::load_first(grad + at, count));
+        for (int a = 0; a < (AMSGRAD ? 4 : 3); ++a) L::store(stage_of[a], L::load_first(written[a], count));
+        adam_update<V, WD, AMSGRAD, MAXIMIZE>(staged[0], staged[1], staged[2], staged[3], staged[4], c, 0, by_divider);
+        for (int a = 0; a < (AMSGRAD ? 4 : 3); ++a) L::store_first(written[a], L::load(stage_of[a]), count);
+    };
+    if (peel > 0) partial(i, static_cast<int>(peel));
+    i += peel;
+#else
+    const auto scalar_sqrt = [](float x) { return Lane<float>::sqrt(x); };
+    for (const std::int64_t stop = i + peel; i < stop; ++i)
         adam_update<float, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i, scalar_sqrt);
+#endif
 #if defined(FASTADAM_HAVE_F32X16)
     const auto by_fma = [](V x) { return sqrt_by_fma(x); };
     constexpr int vectors = kDividerVectors + kFmaVectors;
@@ -195,6 +214,10 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     }
 #endif
     for (; i + L::width <= end; i += L::width) update(i, by_divider);
+#if defined(FASTADAM_HAVE_F32X16)
+    if (i < end) partial(i, static_cast<int>(end - i));
+    i = end;
+#endif
     return i;
 }
 #endif

@@ -161,6 +161,14 @@ struct Lane<F32x16> : VectorLane {
     static void store(float* p, F32x16 x) { _mm512_storeu_ps(p, x.r); }
     static F32x16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
     static F32x16 sqrt(F32x16 x) { return {_mm512_sqrt_ps(x.r)}; }
+    // The first `count` (< 16) floats at p, the other lanes 1: a value on which no
+    // operation of the update overflows or raises the invalid-operation flag.
+    // Masked-off lanes are not read, so this never touches memory past the range.
+    static F32x16 load_first(const float* p, int count) {
+        return {_mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), first_lanes(count), p)};
+    }
+    static void store_first(float* p, F32x16 x, int count) { _mm512_mask_storeu_ps(p, first_lanes(count), x.r); }
+    static __mmask16 first_lanes(int count) { return static_cast<__mmask16>((1u << count) - 1u); }
 };
 #endif
 
