@@ -305,3 +305,38 @@ def test_sgd_bit_identical_on_every_isa_and_thread_count(dtype, variant):
                     run(fastadam.sgd_step, p, b)
                     assert same_bits(p, want_p), f"param n={n} {isa} threads={threads}: {first_difference(p, want_p)}"
                     assert same_bits(b, want_b), f"buffer n={n} {isa} threads={threads}: {first_difference(b, want_b)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_no_write_outside_the_arrays(dtype):
+    # The AVX-512 loop takes a range's first and last few elements as one masked vector:
+    # its other lanes must be neither written nor let into the result. Each array is a
+    # view with 16 guard elements on both sides of it in one buffer, at every offset
+    # within a 64-byte line and sizes around the vector widths, on every path and thread
+    # count; the guards keep their bits and the view gets the reference's.
+    guard = 16
+    rng = np.random.default_rng(7)
+    for n in [1, 2, 7, 15, 16, 17, 31, 33, 47, 49, 64, 65, 100, 1000]:
+        for offset in range(16):
+            kwargs = dict(step=2, lr=0.01, amsgrad=True, weight_decay=0.1)
+            start = [rng.standard_normal(n), rng.standard_normal(n), rng.random(n) * 0.01, rng.random(n) * 0.02]
+            grad = rng.standard_normal(n).astype(dtype)
+            want = [a.astype(dtype) for a in start]
+            reference.adam_step(want[0], grad, want[1], want[2], max_exp_avg_sq=want[3], **kwargs)
+            for isa in fastadam.available_isas():
+                fastadam.set_isa(isa)
+                for threads in THREADS:
+                    fastadam.set_num_threads(threads)
+                    buffers = [np.full(offset + n + 2 * guard, np.nan, dtype=dtype) for _ in range(5)]
+                    views = [b[offset + guard : offset + guard + n] for b in buffers]
+                    for v, a in zip(views, start + [grad]):
+                        v[...] = a
+                    before = [b.copy() for b in buffers]
+                    param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_view = views
+                    fastadam.adam_step(param, grad_view, exp_avg, exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq, **kwargs)
+                    where = f"{isa}, {threads} thread(s), n={n}, offset={offset}"
+                    for b, b0 in zip(buffers, before):
+                        outside = np.r_[0 : offset + guard, offset + guard + n : b.size]
+                        assert same_bits(b[outside], b0[outside]), f"{where}: a guard element changed"
+                    for got, exp in zip(views[:4], want):
+                        assert same_bits(got, exp), f"{where}: {first_difference(got, exp)}"
