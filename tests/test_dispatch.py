@@ -136,25 +136,22 @@ MEMORY_OPERAND = re.compile(r"(-?0x[0-9a-f]+)?\((%\w+)(?:,(%\w+),(\d))?\)")
 
 
 def loads_after_stores(function: str, marker: str) -> tuple[int, list[str]]:
-    """In each innermost loop of a disassembled function (a backward jump over a body
-    containing `marker` and no other such loop), the zmm loads that read the element
-    offset a zmm store earlier in the same pass wrote, in another array: the 4K-aliasing
-    pattern that lanes.hpp's loads_before_stores prevents. Offsets follow the pointer
-    and index increments (add/sub $imm). Returns (loops found, offending instructions)."""
+    """In each loop of a disassembled function (a conditional jump back over a body
+    containing `marker`), the zmm loads that read the element offset a zmm store earlier
+    in the same pass wrote, in another array: the 4K-aliasing pattern that lanes.hpp's
+    loads_before_stores prevents. Offsets follow the pointer and index increments
+    (add/sub $imm). Returns (loops found, offending instructions). An unconditional jmp
+    back is no loop's latch: GCC jumps from the pipelined loop's last group back into
+    the one-vector loop laid out before it."""
     insns = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"^\s*([0-9a-f]+):\s+(.*)$", function, re.M)]
-    spans = []
-    for at, text in insns:
-        jump = re.match(r"j\w+\s+([0-9a-f]+)\b", text)
-        if jump and int(jump.group(1), 16) < at:
-            start = int(jump.group(1), 16)
-            if any(marker in t for a, t in insns if start <= a <= at):
-                spans.append((start, at))
-    # A jump back over a whole function (a peel loop laid out around the rest) is no
-    # pass of the vector loop: keep the loops that contain no other.
-    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     loops, bad = 0, []
-    for start, end in innermost:
-        body = [t for a, t in insns if start <= a <= end]
+    for at, text in insns:
+        jump = re.match(r"j(?!mp\b)\w+\s+([0-9a-f]+)\b", text)
+        if not jump or int(jump.group(1), 16) >= at:
+            continue
+        body = [t for a, t in insns if int(jump.group(1), 16) <= a <= at]
+        if not any(marker in t for t in body):
+            continue
         loops += 1
         shift: dict[str, int] = {}
         stored: set[int] = set()
@@ -182,9 +179,9 @@ def test_vector_loops_load_before_they_store():
     # With NumPy's arrays all at one page offset, a load behind a store to the same element
     # of another array waits for it; lanes.hpp keeps every update's loads ahead of its
     # stores. Checked on the AVX-512 float loop's vector groups, the loops with vrsqrt14ps:
-    # only lanes.hpp emits that instruction, so no loop GCC vectorised by itself (the
-    # peel and the tail, under 16 elements, which it does re-read) is mistaken for them.
-    # Without the hint GCC 12 re-reads param after the state's stores in every group.
+    # only lanes.hpp emits that instruction, so no loop GCC vectorised by itself (float64's,
+    # which re-read) is mistaken for them. Without the hint GCC re-reads param after the
+    # state's stores in every group.
     functions = disassembly()
     found = 0
     for name, body in functions.items():

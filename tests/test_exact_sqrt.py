@@ -114,17 +114,18 @@ SPECIALS = np.array(
 
 def special_step_inputs(rng, n):
     """An amsgrad step whose max_exp_avg_sq, and so whose square-root argument, is exactly
-    SPECIALS (rotated) in the last vector of every 64-element group: there grad and
-    exp_avg_sq are 0, so v = 0 and maximum(max_exp_avg_sq, v) = max_exp_avg_sq. The
-    FMA root takes one vector in four, so each special value meets both paths."""
+    SPECIALS, rotated by one in each 16-element block: there grad and exp_avg_sq are 0,
+    so v = 0 and maximum(max_exp_avg_sq, v) = max_exp_avg_sq. Every vector holds special
+    values, whichever of its group's vectors take the FMA root (a build-time split), and
+    wherever the loop's vectors start, so each value meets both paths."""
     param = rng.standard_normal(n).astype(np.float32)
     exp_avg = (rng.standard_normal(n) * 1e-2).astype(np.float32)
     exp_avg_sq = (rng.random(n) * 1e-4).astype(np.float32)
     max_exp_avg_sq = (rng.random(n) * 1e-4).astype(np.float32)
     grad = (rng.standard_normal(n) * 1e-3).astype(np.float32)
-    for group in range(0, n - 63, 64):
-        special = slice(group + 48, group + 64)
-        max_exp_avg_sq[special] = np.roll(SPECIALS, group // 64)
+    for block in range(0, n - 15, 16):
+        special = slice(block, block + 16)
+        max_exp_avg_sq[special] = np.roll(SPECIALS, block // 16)
         grad[special] = 0.0
         exp_avg_sq[special] = 0.0
     return param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
@@ -159,6 +160,39 @@ def test_no_invalid_operation_flag_where_the_ieee_root_raises_none():
         assert libm.feclearexcept(fe_invalid) == 0
         fastadam.adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq, amsgrad=True, step=3, lr=1e-3)
         assert libm.fetestexcept(fe_invalid) == 0, f"{isa}: a step on finite data raised the invalid-operation flag"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the exception flags through glibc")
+@pytest.mark.parametrize(
+    "case",
+    [
+        # L2 decay on zero params: the elements' g is 0, but g = 1 + 1e21 would overflow g*g.
+        dict(weight_decay=1e21, param=0.0, grad=0.0, exp_avg=0.0, exp_avg_sq=0.0),
+        # An infinite float32 step size: the elements' m is -0.5, but m = 0 would give inf*0.
+        dict(maximize=True, betas=(0.5, 0.999), lr=1e39, param=0.0, grad=1.0, exp_avg=0.0, exp_avg_sq=0.0),
+    ],
+    ids=["overflow", "invalid"],
+)
+def test_masked_ends_raise_only_the_flags_their_elements_raise(case):
+    # The AVX-512 loop takes a range's first and last few elements as one masked vector
+    # (lanes.hpp, Lane::load_first); its other lanes are computed too. Whatever they hold,
+    # they must not raise a flag the elements do not: every path raises the same
+    # invalid-operation, division-by-zero and overflow flags as the baseline one.
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    watched = {"invalid": 0x01, "divide-by-zero": 0x04, "overflow": 0x08}  # <fenv.h> on x86-64
+    all_watched = sum(watched.values())
+    case = dict(case)
+    fill = {name: case.pop(name) for name in ("param", "grad", "exp_avg", "exp_avg_sq")}
+    for n in (1, 5, 15, 17, 37, 48, 100):
+        raised = {}
+        for isa in fastadam.available_isas():
+            fastadam.set_isa(isa)
+            arrays = {name: np.full(n, value, dtype=np.float32) for name, value in fill.items()}
+            assert libm.feclearexcept(all_watched) == 0
+            fastadam.adam_step(arrays["param"], arrays["grad"], arrays["exp_avg"], arrays["exp_avg_sq"], step=1, **case)
+            flags = libm.fetestexcept(all_watched)
+            raised[isa] = sorted(name for name, bit in watched.items() if flags & bit)
+        assert all(r == raised["baseline"] for r in raised.values()), f"n={n}: flags by path {raised}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets the rounding mode through glibc's fesetround")

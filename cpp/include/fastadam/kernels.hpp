@@ -9,7 +9,7 @@
 // The loops are plain C++ that GCC, Clang and MSVC vectorise, plus, on targets with
 // a float vector type in lanes.hpp, the same update written once over lane types.
 // Every operation is an IEEE add, multiply, divide, sqrt or max on one element, so a
-// SIMD lane computes the same bits as the scalar tail, as any other target, and as
+// SIMD lane computes the same bits as the scalar loop, as any other target, and as
 // the NumPy reference, provided the translation unit is compiled with
 // -ffp-contract=off (no FMA contraction). The one deliberate use of FMA, lanes.hpp's
 // square root on the FMA units, returns the IEEE square root's bits for every float.
@@ -112,8 +112,9 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
 // bounds the step in cache (it also does the division), the FMA units carry most of
 // the rest, so moving a share of the square roots balances the two. On this
 // project's Zen 4 machine 2:1 was fastest of the splits measured with the pipelined
-// loop below (README); FMA only was slower than divider only. Other CPUs may prefer
-// another split: both are build-time settings (-DFASTADAM_DIVIDER_VECTORS=3 ...).
+// loop below (README). Groups of more than three vectors carry more halves from one
+// group to the next than the 32 vector registers hold beside the constants, and spill,
+// on any AVX-512 CPU. Both are build-time settings (-DFASTADAM_FMA_VECTORS=2 ...).
 #ifndef FASTADAM_DIVIDER_VECTORS
 #define FASTADAM_DIVIDER_VECTORS 2
 #endif
@@ -128,7 +129,8 @@ using FloatVector = F32x8;  // AVX2: every square root on the divide unit
 #endif
 
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
-// The float loop over FloatVector lanes. Returns where the scalar loop takes over.
+// The float loop over FloatVector lanes. Returns where the scalar loop takes over
+// (AVX2: the last few elements; AVX-512 does them too and returns end).
 template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
 std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_RESTRICT grad,
                           float* FASTADAM_RESTRICT exp_avg, float* FASTADAM_RESTRICT exp_avg_sq,
@@ -155,13 +157,19 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     // update is the vector one: up to 15 elements cost one vector, not 15 scalar
     // square roots and divisions (a 1000-element tensor had up to 30 of those).
     const auto partial = [&](std::int64_t at, int count) {
-        alignas(64) float staged[5][L::width];
-        float* const written[4] = {param + at, exp_avg + at, exp_avg_sq + at, AMSGRAD ? max_exp_avg_sq + at : nullptr};
-        float* const stage_of[4] = {staged[0], staged[2], staged[3], staged[4]};
-        L::store(staged[1], L::load_first(grad + at, count));
-        for (int a = 0; a < (AMSGRAD ? 4 : 3); ++a) L::store(stage_of[a], L::load_first(written[a], count));
-        adam_update<V, WD, AMSGRAD, MAXIMIZE>(staged[0], staged[1], staged[2], staged[3], staged[4], c, 0, by_divider);
-        for (int a = 0; a < (AMSGRAD ? 4 : 3); ++a) L::store_first(written[a], L::load(stage_of[a]), count);
+        alignas(64) float p[L::width], g[L::width], m[L::width], v[L::width], v_max[L::width];
+        const auto stage = [&](float* to, const float* from) { L::store(to, L::load_first(from + at, count)); };
+        const auto unstage = [&](float* to, const float* from) { L::store_first(to + at, L::load(from), count); };
+        stage(p, param);
+        stage(g, grad);
+        stage(m, exp_avg);
+        stage(v, exp_avg_sq);
+        if constexpr (AMSGRAD) stage(v_max, max_exp_avg_sq);
+        adam_update<V, WD, AMSGRAD, MAXIMIZE>(p, g, m, v, v_max, c, 0, by_divider);
+        unstage(param, p);
+        unstage(exp_avg, m);
+        unstage(exp_avg_sq, v);
+        if constexpr (AMSGRAD) unstage(max_exp_avg_sq, v_max);
     };
     if (peel > 0) partial(i, static_cast<int>(peel));
     i += peel;
@@ -178,8 +186,9 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     // issued before the second halves of group n (divisions), so that the FMA units'
     // long square-root chains overlap the divide unit's work instead of waiting in
     // the scheduler behind it. Every element still takes the same operations.
-    // Each field in its own array of vectors, declared in the loop: GCC keeps those in
-    // registers, where it spills an array of Halfway structs or a struct of arrays.
+    // Each field in its own array of vectors (the next group's declared in the loop):
+    // GCC keeps those in registers, where it spills an array of Halfway structs or a
+    // struct of arrays on every group.
     const auto first_halves = [&](std::int64_t at, V* p, V* m, V* root) {
         for (int k = 0; k < vectors; ++k) {
             const Halfway<V> h =

@@ -161,11 +161,13 @@ struct Lane<F32x16> : VectorLane {
     static void store(float* p, F32x16 x) { _mm512_storeu_ps(p, x.r); }
     static F32x16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
     static F32x16 sqrt(F32x16 x) { return {_mm512_sqrt_ps(x.r)}; }
-    // The first `count` (< 16) floats at p, the other lanes 1: a value on which no
-    // operation of the update overflows or raises the invalid-operation flag.
-    // Masked-off lanes are not read, so this never touches memory past the range.
+    // The first `count` (1..15) floats at p; the other lanes repeat p[0]. Masked-off
+    // memory is not read, so this never touches anything past the range. Since every
+    // array's extra lanes repeat its first element, they take element 0's operations
+    // on element 0's values and raise no floating-point flag that it does not (a fixed
+    // fill, such as 1, overflows or meets inf * 0 under some valid hyper-parameters).
     static F32x16 load_first(const float* p, int count) {
-        return {_mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), first_lanes(count), p)};
+        return {_mm512_mask_loadu_ps(_mm512_set1_ps(p[0]), first_lanes(count), p)};
     }
     static void store_first(float* p, F32x16 x, int count) { _mm512_mask_storeu_ps(p, first_lanes(count), x.r); }
     static __mmask16 first_lanes(int count) { return static_cast<__mmask16>((1u << count) - 1u); }
