@@ -25,9 +25,9 @@ import argparse
 import time
 
 import numpy as np
+from cases import gpt2_small_shapes  # bench/cases.py, beside this file
 
 import fastadam
-from fastadam.benchmark import gpt2_small_shapes
 
 
 def aligned_zeros(like: np.ndarray) -> np.ndarray:

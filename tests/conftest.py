@@ -51,14 +51,21 @@ def in_ci():
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def import_or_skip(module, pin, what):
-    """``module``, or a visible skip saying that ``what`` was not run; in CI (CI=true) a
-    missing module fails instead, naming the install (``pin``) .ci/run must do."""
+def peers_required():
+    """FASTADAM_REQUIRE_PEERS=1 (.ci/run's peers step): a missing benchmark peer (DeepSpeed,
+    jax, optax) fails instead of skipping. The default test run, in CI too, skips them."""
+    return os.environ.get("FASTADAM_REQUIRE_PEERS", "").lower() in ("1", "true", "yes")
+
+
+def import_or_skip(module, pin, what, required=None):
+    """``module``, or a visible skip saying that ``what`` was not run. When ``required``
+    (default: in CI, CI=true) a missing module fails instead, naming the install (``pin``)
+    .ci/run must do."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        if in_ci():
-            pytest.fail(f"{module} is not importable but CI=true: .ci/run must install {pin}")
+        if in_ci() if required is None else required:
+            pytest.fail(f"{module} is not importable but this run requires it: .ci/run must install {pin}")
         pytest.skip(f"{module} is not installed (pip install {pin}) -- {what} not run")
 
 
@@ -66,13 +73,18 @@ def torch_or_skip():
     return import_or_skip("torch", "torch==2.13.0", "torch comparison")
 
 
+# .ci/run's peers step installs exactly these (torch's pin beside deepspeed's, so that it keeps this torch).
+PEERS_PIN = "torch==2.13.0 deepspeed==0.19.8 jax==0.10.2 optax==0.2.8"
+
+
 def deepspeed_cpu_adam_or_skip():
     """DeepSpeed's DeepSpeedCPUAdam: the benchmark's opt-in peer."""
     torch_or_skip()
-    return import_or_skip("deepspeed.ops.adam", "deepspeed==0.19.8", "check of the bench's DeepSpeed contender").DeepSpeedCPUAdam
+    return import_or_skip("deepspeed.ops.adam", PEERS_PIN, "check of the bench's DeepSpeed contender",
+                          required=peers_required()).DeepSpeedCPUAdam
 
 
 def optax_or_skip():
     """jax and optax: the benchmark's opt-in JAX peer."""
     for module in ("jax", "optax"):
-        import_or_skip(module, "jax==0.10.2 optax==0.2.8", "check of the bench's optax contender")
+        import_or_skip(module, PEERS_PIN, "check of the bench's optax contender", required=peers_required())

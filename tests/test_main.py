@@ -1,4 +1,4 @@
-"""`python -m fastadam`: the README's main command."""
+"""`python -m fastadam`: what this machine runs, a self-check against the reference, and a quick timing."""
 
 import subprocess
 import sys
@@ -29,3 +29,12 @@ def test_self_check_detects_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(fastadam, "adam_step", off_by_one_ulp)
     failures = cli.self_check(n=1000, steps=1)
     assert failures and "float32 adam isa=baseline" in failures[0]
+
+
+def test_benchmark_harness_is_not_in_the_package():
+    """The DeepSpeed/optax/GPT-2 harness lives in the repository's bench/, not in the installed package."""
+    import importlib.util
+
+    assert importlib.util.find_spec("fastadam.benchmark") is None
+    out = subprocess.run([sys.executable, "-m", "fastadam", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "bench/bench.py" in out.stdout and "--bench" not in out.stdout

@@ -96,16 +96,10 @@ def quick_timing(sizes: tuple[int, ...] = (1_000, 100_000, 1_000_000), repeats: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastadam", description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastadam", description=(__doc__ or "").splitlines()[0],
+                                     epilog="The benchmark against torch, DeepSpeed and optax: bench/bench.py in the source repository.")
     parser.add_argument("--no-timing", action="store_true", help="skip the quick timing")
-    parser.add_argument("--bench", action="store_true",
-                        help="run the quick benchmark against NumPy and torch.optim.Adam (if installed) instead")
     args = parser.parse_args(argv)
-    if args.bench:
-        from .benchmark import main as bench_main
-
-        return bench_main(["--quick"])
-
     print(f"fastadam {fastadam.__version__}")
     print(f"  SIMD path in use : {fastadam.get_isa()} (available: {', '.join(fastadam.available_isas())}; "
           "choose with FASTADAM_ISA or fastadam.set_isa)")
