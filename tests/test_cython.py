@@ -116,6 +116,7 @@ def _toolchain_or_skip() -> None:
         _unavailable(f"no C++ compiler ({cxx!r} not found)")
 
 
+# The tests that use it are marked slow: compiling the extension takes about 10 s.
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
     _toolchain_or_skip()
@@ -144,10 +145,12 @@ def test_get_include_is_installed_package():
     assert type(getattr(fastadam._core, "_C_API")).__name__ == "PyCapsule"
 
 
+@pytest.mark.slow
 def test_hyperparams_defaults_match_torch(ext):
     assert ext.default_lr() == (1e-3, 0.9, 0.999, 1e-8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_adam_nogil_bits_match_python_api(ext, dtype, decoupled):
@@ -168,6 +171,7 @@ def test_adam_nogil_bits_match_python_api(ext, dtype, decoupled):
     assert not same_bits(a[0], p0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_nogil_bits_match_python_api(ext, dtype):
     rng = np.random.default_rng(8)
@@ -183,6 +187,7 @@ def test_sgd_nogil_bits_match_python_api(ext, dtype):
         assert same_bits(abuf, bbuf)
 
 
+@pytest.mark.slow
 def test_threads_and_isa_settings_apply(ext):
     """The capsule reaches the same kernel: every path and thread count, same bits."""
     rng = np.random.default_rng(9)

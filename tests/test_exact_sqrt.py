@@ -53,6 +53,7 @@ def ieee_sqrt_bits(x):
         return np.sqrt(x).view(np.uint32)
 
 
+@pytest.mark.slow  # seconds: every float of a range
 @needs_avx512
 def test_every_non_negative_float(avx512):
     # All 2^31 bit patterns with the sign bit clear: zero, subnormals, the FMA range
@@ -74,6 +75,7 @@ def test_negative_floats(isa):
     assert np.array_equal(lane_sqrt_bits(x), ieee_sqrt_bits(x))
 
 
+@pytest.mark.slow  # seconds: every float of a range
 @needs_avx512
 def test_any_estimate_within_the_hardware_bound_gives_the_ieee_root(avx512):
     # The sequence starts from vrsqrt14ps, whose estimates the ISA bounds (relative error
