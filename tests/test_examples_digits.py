@@ -399,3 +399,45 @@ def test_core_import_needs_no_example_extras():
             "for name in ('sklearn', 'matplotlib', 'tqdm'): sys.modules[name] = None\n"
             "import fastadam, fastadam.examples.digits\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("hidden, flags, dist", [
+    ("sklearn", [], "scikit-learn"),
+    ("tqdm", [], "tqdm"),
+    ("matplotlib", [], "matplotlib"),
+    ("sklearn", ["--no-progress", "--no-plot"], "scikit-learn"),
+])  # fmt: skip
+def test_missing_extra_names_the_install(monkeypatch, tmp_path, hidden, flags, dist):
+    """Without scikit-learn, tqdm or matplotlib the example ends, before training, in an
+    ImportError that names the package and the extra (pip install "fastadam[examples]")."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(sys.modules):
+        if name == hidden or name.startswith(hidden + "."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, hidden, None)  # import hidden -> ImportError
+    with pytest.raises(ImportError, match=rf"needs {dist}, which is not installed: pip install \"fastadam\[examples\]\""):
+        digits.main(["--epochs", "1", "--models", "softmax", "--optimizers", "sgd", "--limit", "50", *flags])
+    assert not (tmp_path / "digits_loss.png").exists()
+
+
+def test_missing_extras_not_needed_by_the_run_are_not_required(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for hidden in ("tqdm", "matplotlib"):
+        for name in list(sys.modules):
+            if name == hidden or name.startswith(hidden + "."):
+                monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, hidden, None)
+    assert digits.main(["--epochs", "1", "--models", "softmax", "--optimizers", "sgd", "--limit", "50",
+                        "--no-progress", "--no-plot"]) == 0
+
+
+def test_missing_extra_from_the_command_line():
+    """`python -m fastadam.examples.digits` without scikit-learn: the traceback ends in the hint."""
+    code = ("import sys, runpy\n"
+            "sys.modules['sklearn'] = None\n"
+            "sys.argv = ['digits', '--epochs', '1', '--no-plot', '--no-progress']\n"
+            "runpy.run_module('fastadam.examples.digits', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("ImportError: the bundled digits data set needs scikit-learn")
+    assert 'pip install "fastadam[examples]"' in out.stderr

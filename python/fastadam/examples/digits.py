@@ -43,6 +43,7 @@ deterministic for a given seed and thread count; the timings are not.
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -108,6 +109,30 @@ class Config:
         return self.lr.get(optimizer, DEFAULT_LR[optimizer])
 
 
+EXTRA_HINT = 'pip install "fastadam[examples]"'
+
+
+def require_extra(module: str, needed_for: str) -> Any:
+    """``module`` imported, or an ImportError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        dist = {"sklearn": "scikit-learn"}.get(top, top)
+        raise ImportError(f"{needed_for} needs {dist}, which is not installed: {EXTRA_HINT} "
+                          f"(or pip install \".[examples]\" from a clone)") from e
+
+
+def check_extras(config: Config, plot: bool) -> None:
+    """Fails before training, not after it, when an optional package this run needs is missing."""
+    if not config.mnist:
+        require_extra("sklearn.datasets", "the bundled digits data set")
+    if config.progress:
+        require_extra("tqdm", "the progress bar (--no-progress runs without it)")
+    if plot:
+        require_extra("matplotlib.figure", "the loss-curve figure (--no-plot runs without it)")
+
+
 def load_data(config: Config) -> Data:
     """(X_train, y_train, X_test, y_test): float32 images (N, 1, H, W) in [0, 1], int labels."""
     if config.mnist:
@@ -116,11 +141,11 @@ def load_data(config: Config) -> Data:
         Xtr, ytr, Xte, yte = load_mnist(config.mnist)
         scale = 255.0
     else:
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped, import-not-found, unused-ignore]
-        from sklearn.model_selection import train_test_split  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        datasets = require_extra("sklearn.datasets", "the bundled digits data set")
+        model_selection = require_extra("sklearn.model_selection", "the bundled digits data set")
 
-        digits = load_digits()
-        Xtr, Xte, ytr, yte = train_test_split(digits.images, digits.target, test_size=0.25,
+        digits = datasets.load_digits()
+        Xtr, Xte, ytr, yte = model_selection.train_test_split(digits.images, digits.target, test_size=0.25,
                                               stratify=digits.target, random_state=0)
         scale = 16.0
     if config.limit is not None:
@@ -234,7 +259,7 @@ def run(config: Config | None = None) -> list[dict[str, Any]]:
     steps = len(runs) * config.epochs * -(-n_train // config.batch_size)
     bar = None
     if config.progress:
-        from tqdm import tqdm  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        tqdm = require_extra("tqdm", "the progress bar (--no-progress runs without it)").tqdm
 
         bar = tqdm(total=steps, unit="step", file=sys.stderr)
     results: list[dict[str, Any]] = []
@@ -271,7 +296,7 @@ def format_table(results: list[dict[str, Any]], target_loss: float) -> str:
 def plot_curves(results: list[dict[str, Any]], path: str, target_loss: float | None = None) -> None:
     """PNG at ``path``: train loss per epoch, one panel per model, one line per optimizer."""
     # The object-oriented API renders with Agg without switching pyplot's global backend.
-    from matplotlib.figure import Figure
+    Figure = require_extra("matplotlib.figure", "the loss-curve figure (--no-plot runs without it)").Figure
 
     models = list(dict.fromkeys(r["model"] for r in results))
     fig = Figure(figsize=(4.6 * len(models), 5.2), layout="constrained")
@@ -360,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         target_loss=args.target_loss, mnist=args.mnist, limit=args.limit,
                         progress=not args.no_progress, reference_steps=args.reference_steps)
         config.validate()
+        check_extras(config, plot=not args.no_plot)
         t0 = time.perf_counter()
         results = run(config)
         elapsed = time.perf_counter() - t0
