@@ -1,6 +1,7 @@
 """Type stubs for fastadam's native module (argument checking + dispatch)."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -63,21 +64,32 @@ def set_num_threads(n: int) -> None: ...
 def has_openmp() -> bool: ...
 def _set_isa_from_environment() -> None: ...
 def _check_params(params: Sequence[_Array], fn: str) -> None: ...
-def _check_adam_group(hypers: tuple[object, ...], where: str) -> None: ...
-def _check_sgd_group(hypers: tuple[object, ...], where: str) -> None: ...
+def _check_group(kind: Literal["adam", "sgd"], group: Mapping[str, Any], where: str) -> None: ...
+def _hyper_names(kind: Literal["adam", "sgd"]) -> tuple[str, ...]: ...
 def _lane_sqrt(
     x: npt.NDArray[np.float32], out: npt.NDArray[np.float32], estimate: npt.NDArray[np.float32] | None = None
 ) -> None: ...
 
 class _StepPlan:
-    """An optimizer's validated params and state (one list per state slot, None where absent)."""
+    """An optimizer's validated params and state; one step at a time (the optimizer's lock).
+
+    kind "adam": states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]; "sgd": [momentum_buffers];
+    None where a tensor has no such buffer yet. labels[i] names tensor i in errors.
+    torch: an object with tensors, steps, Tensor, strided, grad_error, bump_versions
+    (cpp/bindings/step_plan_torch.cpp); for SGD a steps entry may be None (the buffer is not new).
+    """
 
     def __init__(
-        self, fn: str, params: list[_Array], states: list[list[_Array | None]], group_sizes: list[int]
+        self,
+        kind: Literal["adam", "sgd"],
+        fn: str,
+        params: list[_Array],
+        states: list[list[_Array | None]],
+        group_sizes: list[int],
+        labels: list[str] | None = None,
+        torch: object | None = None,
     ) -> None: ...
-    def adam_step(
-        self, grads: Sequence[_Array | None], steps: npt.NDArray[np.int64], group_hypers: Sequence[tuple[object, ...]]
+    def step(
+        self, grads: Sequence[_Array | None], steps: npt.NDArray[np.int64], groups: Sequence[Mapping[str, Any]]
     ) -> None: ...
-    def sgd_step(
-        self, grads: Sequence[_Array | None], steps: npt.NDArray[np.int64], group_hypers: Sequence[tuple[object, ...]]
-    ) -> None: ...
+    def torch_step(self, groups: Sequence[Mapping[str, Any]]) -> bool: ...

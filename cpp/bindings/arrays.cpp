@@ -1,0 +1,160 @@
+// Array checks and the overlap Footprint (arrays.hpp).
+#include "arrays.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace fastadam::bindings {
+
+void throw_type(const std::string& msg) { throw py::type_error(msg); }
+void throw_value(const std::string& msg) { throw py::value_error(msg); }
+
+std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
+
+namespace {
+const char* const kSingular[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step", "steps"};
+const char* const kPlural[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers", "steps", "steps"};
+
+bool native_byte_order(char order) {
+    static const bool little_endian = [] {
+        const std::uint16_t probe = 1;
+        unsigned char first;
+        std::memcpy(&first, &probe, 1);
+        return first == 1;
+    }();
+    return order != (little_endian ? '>' : '<');
+}
+}  // namespace
+
+std::string ArgName::bare() const {
+    if (labels != nullptr && slot != kSteps) {
+        const std::string& label = (*labels)[index];
+        if (slot == kParam) return label;
+        if (slot == kGrad) return "the gradient of " + label;
+        if (slot == kStep) return "state['step'] of " + label;
+        return std::string(kSingular[slot]) + " of " + label;
+    }
+    return multi ? std::string(kPlural[slot]) + "[" + std::to_string(index) + "]" : kSingular[slot];
+}
+
+const char* dtype_name(DType d) { return d == DType::f32 ? "float32" : "float64"; }
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += std::to_string(a.shape(i)) + (a.ndim() == 1 || i + 1 < a.ndim() ? "," : "");
+    return s + ")";
+}
+
+Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
+    if (!py::isinstance<py::array>(h))
+        throw_type(arg.str() + " must be a numpy.ndarray of float32 or float64, got " + type_name(h) +
+                   "; create the array once with numpy.ascontiguousarray(x, dtype=numpy.float32) and keep "
+                   "passing that array (fastadam works in place and never updates a copy)");
+    auto a = py::reinterpret_borrow<py::array>(h);
+    const py::dtype dt = a.dtype();
+    Buffer b;
+    const int num = dt.num();
+    if (num == py::detail::npy_api::NPY_FLOAT_) b.dtype = DType::f32;
+    else if (num == py::detail::npy_api::NPY_DOUBLE_) b.dtype = DType::f64;
+    else
+        throw_type(arg.str() + " has dtype " + std::string(py::str(dt)) +
+                   "; fastadam supports float32 and float64 (a parameter, its gradient and its state share one dtype)");
+    if (!native_byte_order(dt.byteorder()))
+        throw_type(arg.str() + " has non-native byte order (dtype " + std::string(py::str(dt.attr("str"))) +
+                   "); convert it once with x.astype(x.dtype.newbyteorder('=')) and keep that array");
+    if (!(a.flags() & py::array::c_style))
+        throw_value(arg.str() + " is not C-contiguous (shape " + shape_str(a) +
+                    "); fastadam updates memory in place and will not work on a temporary copy: "
+                    "pass numpy.ascontiguousarray(x) and keep using that array");
+    if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+        throw_value(arg.str() + " is not aligned to its dtype; make an aligned copy once with numpy.require(x, requirements='A')");
+    if (writable && !a.writeable())
+        throw_value(arg.str() + " is read-only; fastadam writes it in place: pass a writeable array "
+                                "(e.g. x.copy(), or x.setflags(write=True) if you own its memory)");
+    b.data = static_cast<char*>(const_cast<void*>(a.data()));
+    b.size = static_cast<std::int64_t>(a.size());
+    b.nbytes = b.size * static_cast<std::int64_t>(a.itemsize());
+    b.obj = h.ptr();
+    return b;
+}
+
+void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg) {
+    if (b.dtype != ref.dtype)
+        throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + ref_arg.bare() + " has dtype " +
+                   dtype_name(ref.dtype) + "; a parameter, its gradient and its state must share one dtype");
+    auto a = py::reinterpret_borrow<py::array>(b.obj), r = py::reinterpret_borrow<py::array>(ref.obj);
+    bool same = a.ndim() == r.ndim();
+    for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == r.shape(i);
+    if (!same)
+        throw_value(arg.str() + " has shape " + shape_str(a) + " but " + ref_arg.bare() + " has shape " + shape_str(r) +
+                    "; they must have the same shape");
+}
+
+std::size_t check_list(py::handle seq, const char* fn, const char* name, std::size_t expected, bool has_expected, const char* what) {
+    if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr()))
+        throw_type(std::string(fn) + ": " + name + " must be a list or tuple of " + what + ", got " + type_name(seq));
+    const auto n = static_cast<std::size_t>(Py_SIZE(seq.ptr()));
+    if (has_expected && n != expected)
+        throw_value(std::string(fn) + ": " + name + " has " + std::to_string(n) + " entries but params has " + std::to_string(expected));
+    return n;
+}
+
+// ----- Footprint ---------------------------------------------------------------------
+
+void Footprint::check() const {
+    const std::vector<Range>& sorted = sorted_written();
+    for (const Range& r : read_) check_read(sorted, r);
+}
+
+const std::vector<Footprint::Range>& Footprint::sorted_written() const {
+    static thread_local std::vector<Range> last_key, last_sorted;  // no overlap among last_key
+    if (written_ == last_key) return last_sorted;
+    std::vector<Range> sorted = written_;
+    std::sort(sorted.begin(), sorted.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+    for (std::size_t i = 1; i < sorted.size(); ++i)
+        if (sorted[i].begin < sorted[i - 1].end) overlap(sorted[i - 1], sorted[i]);
+    last_key = written_;
+    last_sorted = std::move(sorted);
+    return last_sorted;
+}
+
+void Footprint::overlap(const Range& a, const Range& b) const {
+    throw_value(ArgName{fn_, a.slot, a.tensor, multi_, labels_}.str() + " and " + ArgName{fn_, b.slot, b.tensor, multi_, labels_}.bare() +
+                " share memory; every written buffer (param, exp_avg, exp_avg_sq, max_exp_avg_sq, "
+                "momentum_buffer, step) must be its own array, and no gradient may overlap one");
+}
+
+// ----- tensors -------------------------------------------------------------------------
+
+void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
+                     Footprint& footprint, Buffer* out) {
+    const ArgName param_name{fn, slots[0], i, multi};
+    for (int k = 0; k < n; ++k) {
+        const ArgName arg{fn, slots[k], i, multi};
+        out[k] = check_array(handles[k], arg, slots[k] != kGrad);
+        if (k > 0) check_same_shape(out[k], out[0], arg, param_name);
+    }
+    for (int k = 0; k < n; ++k) footprint.add(out[k], slots[k], i);
+}
+
+bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* when) {
+    if (needed && h.is_none())
+        throw_value(arg.str() + " is required with " + when + ": pass an array of zeros shaped like param, kept across steps");
+    if (!needed && !h.is_none()) throw_value(arg.str() + " is only used with " + when + "; pass None");
+    return needed;
+}
+
+void check_params(py::handle params, const std::string& fn_name) {
+    const char* fn = fn_name.c_str();
+    const std::size_t n = check_list(params, fn, "params", 0, false);
+    Footprint footprint(fn, true, n);
+    for (std::size_t i = 0; i < n; ++i) {
+        const Slot slots[1] = {kParam};
+        const py::handle handles[1] = {item(params, i)};
+        Buffer b;
+        validate_tensor(fn, i, true, handles, slots, 1, footprint, &b);
+    }
+    footprint.check();
+}
+
+}  // namespace fastadam::bindings

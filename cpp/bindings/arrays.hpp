@@ -1,0 +1,128 @@
+// Array checks: which arrays fastadam accepts (taken as they are, never converted), how
+// an argument is named in an error, and the overlap check of a step's buffers.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastadam::bindings {
+
+namespace py = pybind11;
+
+[[noreturn]] void throw_type(const std::string& msg);
+[[noreturn]] void throw_value(const std::string& msg);
+std::string type_name(py::handle h);
+
+enum Slot { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMomentumBuffer, kStep, kSteps /* one int for all tensors */ };
+
+// Names an argument as the user wrote it ("adam_step(): grad", "adam_step_multi():
+// grads[3]"), or through a caller's labels ("...: the gradient of param_groups[0]['params'][3]").
+// Built only when an error needs it: strings are off the hot path.
+struct ArgName {
+    const char* fn;
+    Slot slot;
+    std::size_t index;
+    bool multi;
+    const std::vector<std::string>* labels = nullptr;  // labels[index] names tensor `index`
+    std::string str() const { return std::string(fn) + ": " + bare(); }
+    // Without the function, for a second argument in one message.
+    std::string bare() const;
+};
+
+enum class DType { f32, f64 };
+const char* dtype_name(DType d);
+
+// A validated array: where it is, how big, what type.
+struct Buffer {
+    char* data = nullptr;
+    std::int64_t size = 0;
+    std::int64_t nbytes = 0;
+    DType dtype = DType::f32;
+    PyObject* obj = nullptr;  // borrowed; the caller's arguments keep it alive
+};
+
+std::string shape_str(const py::array& a);
+// A float32/float64 ndarray, native byte order, C-contiguous, aligned (and writeable if `writable`).
+Buffer check_array(py::handle h, const ArgName& arg, bool writable);
+void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg);
+
+inline py::handle item(py::handle seq, std::size_t i) { return PySequence_Fast_GET_ITEM(seq.ptr(), static_cast<Py_ssize_t>(i)); }
+// A list or tuple (of `expected` entries when has_expected); returns its length.
+std::size_t check_list(py::handle seq, const char* fn, const char* name, std::size_t expected, bool has_expected,
+                       const char* what = "numpy arrays");
+
+// The memory a step touches. A written buffer may share no byte with any other
+// buffer of the step; gradients are only read, so tensors may share one gradient.
+class Footprint {
+public:
+    Footprint(const char* fn, bool multi, std::size_t capacity, const std::vector<std::string>* labels = nullptr)
+        : fn_(fn), multi_(multi), labels_(labels) {
+        written_.reserve(capacity);
+    }
+
+    void add(const Buffer& b, Slot slot, std::size_t tensor) { add(b.data, b.nbytes, slot, tensor); }
+    void add(const char* data, std::int64_t nbytes, Slot slot, std::size_t tensor) {
+        if (nbytes == 0) return;
+        const auto begin = reinterpret_cast<std::uintptr_t>(data);
+        (slot == kGrad ? read_ : written_).push_back(Range{begin, begin + static_cast<std::uintptr_t>(nbytes), tensor, slot});
+    }
+
+    // Sort + sweep over the written buffers, O(n log n); then a binary search per
+    // gradient. Repeated calls with the same written buffers (a loop calling
+    // adam_step_multi on the same state) reuse the previous call's sorted set.
+    void check() const;
+
+    // For a StepPlan: verify the written buffers once, then check each step's
+    // gradients against them as they arrive.
+    void freeze() { frozen_ = sorted_written(); }
+    void check_read_against_frozen(const char* data, std::int64_t nbytes, std::size_t tensor) const {
+        if (nbytes == 0) return;
+        const auto begin = reinterpret_cast<std::uintptr_t>(data);
+        check_read(frozen_, Range{begin, begin + static_cast<std::uintptr_t>(nbytes), tensor, kGrad});
+    }
+
+private:
+    struct Range {
+        std::uintptr_t begin, end;
+        std::size_t tensor;
+        Slot slot;
+        bool operator==(const Range& o) const { return begin == o.begin && end == o.end; }
+    };
+
+    // The written ranges are sorted and disjoint, so only the last one starting
+    // before r ends can overlap r. The search is branch-free: on a 1000-tensor
+    // model, mispredicted branches of std::upper_bound cost more than the update.
+    void check_read(const std::vector<Range>& sorted, const Range& r) const {
+        if (sorted.empty()) return;
+        const Range* base = sorted.data();
+        for (std::size_t n = sorted.size(); n > 1; n -= n / 2) base = base[n / 2].begin < r.end ? base + n / 2 : base;
+        if (base->begin < r.end && base->end > r.begin) overlap(*base, r);
+    }
+
+    const std::vector<Range>& sorted_written() const;
+    [[noreturn]] void overlap(const Range& a, const Range& b) const;
+
+    const char* fn_;
+    bool multi_;
+    const std::vector<std::string>* labels_;
+    std::vector<Range> written_, read_, frozen_;
+};
+
+// Validates tensor i's arrays, `handles` in `slots` order (param first: the reference
+// for dtype and shape; then grad; then written state), and records their memory.
+void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
+                     Footprint& footprint, Buffer* out);
+
+// An optional state buffer (max_exp_avg_sq, momentum_buffer): required exactly when
+// `needed`. Returns whether it takes part.
+bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* when);
+
+// Optimizer construction: every param is a writeable float array and no two share memory.
+void check_params(py::handle params, const std::string& fn);
+
+}  // namespace fastadam::bindings

@@ -1,0 +1,293 @@
+// The functional API: adam_step, adam_step_multi, sgd_step.
+//
+// METH_FASTCALL functions with their own keyword parser: pybind11's generic dispatcher
+// builds a Python string per keyword per call, which alone costs more than an Adam
+// step on a thousand elements. Every array is validated before the first write.
+#include "functional.hpp"
+
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+#include "arrays.hpp"
+#include "descriptors.hpp"
+#include "hyper.hpp"
+
+namespace fastadam::bindings {
+
+namespace {
+
+// ----- keyword parsing ---------------------------------------------------------------
+
+// One function's arguments: its own names first (the first `positional` may be given
+// by position), then the hyper-parameter table's, all interned once: keyword names
+// from call sites are interned strings, so pointer comparison finds them.
+class Keywords {
+public:
+    static constexpr int kMax = 16;
+
+    template <class H>
+    static Keywords with_hypers(const char* fn, std::initializer_list<const char*> own, int positional, int required) {
+        std::vector<const char*> names(own);
+        const HyperTable<H>& t = hyper_table<H>();
+        for (std::size_t k = 0; k < t.size; ++k) names.push_back(t.rows[k].name);
+        return Keywords(fn, std::move(names), positional, required);
+    }
+
+    // Fills out[i] with argument i, or a null handle when absent.
+    void parse(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, py::handle* out) const {
+        const int count = static_cast<int>(names_.size());
+        for (int i = 0; i < count; ++i) out[i] = py::handle();
+        if (nargs > positional_)
+            throw_type(std::string(fn_) + " takes " + std::to_string(positional_) + " positional arguments but " + std::to_string(nargs) +
+                       " were given; the hyper-parameters are keyword-only");
+        for (Py_ssize_t i = 0; i < nargs; ++i) out[i] = args[i];
+        const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+        for (Py_ssize_t k = 0; k < nkw; ++k) {
+            PyObject* key = PyTuple_GET_ITEM(kwnames, k);
+            int found = -1;
+            for (int i = 0; i < count && found < 0; ++i)
+                if (interned_[i] == key) found = i;
+            for (int i = 0; i < count && found < 0; ++i)
+                if (PyUnicode_Compare(interned_[i], key) == 0) found = i;
+            if (found < 0) throw_type(std::string(fn_) + " got an unexpected keyword argument '" + py::str(key).cast<std::string>() + "'");
+            if (out[found]) throw_type(std::string(fn_) + " got multiple values for argument '" + names_[found] + "'");
+            out[found] = args[nargs + k];
+        }
+        for (int i = 0; i < required_; ++i)
+            if (!out[i]) throw_type(std::string(fn_) + " missing required argument '" + names_[i] + "'");
+    }
+
+private:
+    Keywords(const char* fn, std::vector<const char*> names, int positional, int required)
+        : fn_(fn), names_(std::move(names)), positional_(positional), required_(required) {
+        if (names_.size() > kMax) throw std::logic_error("fastadam: too many arguments for Keywords");
+        for (const char* name : names_) interned_.push_back(PyUnicode_InternFromString(name));
+    }
+    const char* fn_;
+    std::vector<const char*> names_;
+    std::vector<PyObject*> interned_;  // immortal, as the module is
+    int positional_, required_;
+};
+
+// Runs `body` and turns C++ exceptions into Python ones, for METH_FASTCALL entry points.
+template <class Body>
+PyObject* guarded(Body&& body) {
+    try {
+        body();
+        Py_RETURN_NONE;
+    } catch (py::error_already_set& e) {
+        e.restore();
+    } catch (const py::builtin_exception& e) {
+        e.set_error();
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return nullptr;
+}
+
+py::handle none_if_null(py::handle h) { return h ? h : py::handle(Py_None); }
+
+std::int64_t check_step(py::handle h, const ArgName& arg) {
+    PyObject* o = h.ptr();
+    if (PyBool_Check(o) || PyFloat_Check(o) || !PyIndex_Check(o))
+        throw_type(arg.str() + " must be an integer (the 1-based count of this update), got " + type_name(h));
+    int overflow = 0;
+    long long v = PyLong_Check(o) ? PyLong_AsLongLongAndOverflow(o, &overflow) : 0;
+    if (!PyLong_Check(o)) {
+        py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+        if (!index) throw py::error_already_set();
+        v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    }
+    if (overflow != 0) throw_value(arg.str() + " is out of range");
+    if (v < 1) throw_value(arg.str() + " must be >= 1 (the count of this update, starting at 1), got " + std::to_string(v));
+    return static_cast<std::int64_t>(v);
+}
+
+// The validated tensors of one call, written only by run().
+template <class A>
+struct Batch {
+    static constexpr int kArrays = 2 + A::kStates;
+    const char* fn;
+    bool multi;
+    Footprint footprint;
+    Descriptors<A> tensors;
+
+    Batch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, (kArrays - 1) * n) {
+        tensors.f32.reserve(n);
+    }
+
+    // arrays: param, grad, then the state in slot order (None where not given).
+    void add(std::size_t i, const py::handle* arrays, std::int64_t step, const typename A::Hyper* h) {
+        Slot slots[kArrays] = {kParam, kGrad};
+        int used = 2;
+        for (int k = 0; k < A::kStates; ++k) {
+            slots[2 + k] = A::kStateSlots[k];
+            const bool need = A::needs(*h, k);
+            if (A::optional(k)) check_optional(arrays[2 + k], need, ArgName{fn, A::kStateSlots[k], i, multi}, A::kOptionalWhen);
+            used += need;  // the needed slots are a prefix (descriptors.hpp)
+        }
+        Buffer b[kArrays];
+        validate_tensor(fn, i, multi, arrays, slots, used, footprint, b);
+        char* state[A::kStates] = {};
+        for (int k = 0; k + 2 < used; ++k) state[k] = b[2 + k].data;
+        const std::uint32_t slot = tensors.add(b[0].dtype, b[0].data, state, b[0].size, h);
+        tensors.set_listed(b[0].dtype, slot, b[1].data, step);
+    }
+    // Every array is validated: check overlaps, then write.
+    void run() {
+        footprint.check();
+        tensors.run_listed();
+    }
+};
+
+// ----- the functions -------------------------------------------------------------------
+
+// adam_step(param, grad, exp_avg, exp_avg_sq, *, step, max_exp_avg_sq, <table>)
+PyObject* adam_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    return guarded([&] {
+        constexpr const char* fn = "adam_step()";
+        static const Keywords kw = Keywords::with_hypers<AdamHyperparams>(
+            fn, {"param", "grad", "exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"}, 4, 4);
+        py::handle a[Keywords::kMax];
+        kw.parse(args, nargs, kwnames, a);
+        if (!a[4]) throw_type("adam_step() missing required keyword argument 'step' (the 1-based count of this update)");
+        const AdamHyperparams h = hyper_from_args<AdamHyperparams>(a + 6, Where{fn});
+        const std::int64_t step = check_step(a[4], ArgName{fn, kStep, 0, false});
+        const py::handle arrays[5] = {a[0], a[1], a[2], a[3], none_if_null(a[5])};
+        Batch<Adam> batch(fn, false, 1);
+        batch.add(0, arrays, step, &h);
+        batch.run();
+    });
+}
+
+// adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, *, steps, max_exp_avg_sqs, <table>)
+PyObject* adam_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    return guarded([&] {
+        constexpr const char* fn = "adam_step_multi()";
+        static const Keywords kw = Keywords::with_hypers<AdamHyperparams>(
+            fn, {"params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs"}, 4, 4);
+        py::handle a[Keywords::kMax];
+        kw.parse(args, nargs, kwnames, a);
+        if (!a[4]) throw_type("adam_step_multi() missing required keyword argument 'steps' (an int, or one int per tensor)");
+        const AdamHyperparams h = hyper_from_args<AdamHyperparams>(a + 6, Where{fn});
+        const std::size_t n = check_list(a[0], fn, "params", 0, false);
+        check_list(a[1], fn, "grads", n, true);
+        check_list(a[2], fn, "exp_avgs", n, true);
+        check_list(a[3], fn, "exp_avg_sqs", n, true);
+        const py::handle maxes = none_if_null(a[5]);
+        if (!maxes.is_none()) check_list(maxes, fn, "max_exp_avg_sqs", n, true);
+        if (h.amsgrad == maxes.is_none())
+            throw_value(std::string(fn) + (h.amsgrad ? ": max_exp_avg_sqs is required with amsgrad=True (one zero-initialised array per param)"
+                                                     : ": max_exp_avg_sqs is only used with amsgrad=True; pass None"));
+        const py::handle steps = a[4];
+        const bool per_tensor = PyList_Check(steps.ptr()) || PyTuple_Check(steps.ptr());
+        if (per_tensor) check_list(steps, fn, "steps", n, true, "ints");
+        const std::int64_t common_step = per_tensor ? 0 : check_step(steps, ArgName{fn, kSteps, 0, false});
+        Batch<Adam> batch(fn, true, n);
+        for (std::size_t i = 0; i < n; ++i) {
+            const py::handle arrays[5] = {item(a[0], i), item(a[1], i), item(a[2], i), item(a[3], i),
+                                          maxes.is_none() ? maxes : item(maxes, i)};
+            const std::int64_t step = per_tensor ? check_step(item(steps, i), ArgName{fn, kStep, i, true}) : common_step;
+            batch.add(i, arrays, step, &h);
+        }
+        batch.run();
+    });
+}
+
+// sgd_step(param, grad, momentum_buffer=None, *, step, <table>)
+PyObject* sgd_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    return guarded([&] {
+        constexpr const char* fn = "sgd_step()";
+        static const Keywords kw = Keywords::with_hypers<SgdHyperparams>(fn, {"param", "grad", "momentum_buffer", "step"}, 3, 2);
+        py::handle a[Keywords::kMax];
+        kw.parse(args, nargs, kwnames, a);
+        if (!a[3]) throw_type("sgd_step() missing required keyword argument 'step' (the 1-based count of this update)");
+        const SgdHyperparams h = hyper_from_args<SgdHyperparams>(a + 4, Where{fn});
+        const std::int64_t step = check_step(a[3], ArgName{fn, kStep, 0, false});
+        const py::handle arrays[3] = {a[0], a[1], none_if_null(a[2])};
+        Batch<Sgd> batch(fn, false, 1);
+        batch.add(0, arrays, step, &h);
+        batch.run();
+    });
+}
+
+const char* const kAdamStepDoc = R"doc(adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None, maximize=False)
+
+One Adam step, in place: updates param, exp_avg, exp_avg_sq (and max_exp_avg_sq with
+amsgrad) and returns None. Bit-identical to fastadam.reference.adam_step.
+
+Per element, T the arrays' dtype, t = step (the 1-based count of this update)::
+
+    g = -grad if maximize else grad
+    p = p * T(1 - lr*weight_decay)                 # decoupled_weight_decay (AdamW)
+    g = g + T(weight_decay) * p                    # otherwise, if weight_decay != 0 (L2)
+    m = m + T(1 - beta1) * (g - m)
+    v = v * T(beta2) + T(1 - beta2) * g * g
+    v_max = maximum(v_max, v)                      # amsgrad
+    denom = sqrt(v_max or v) * T(1 / sqrt(1 - beta2**t)) + T(eps)
+    p = p - T(lr / (1 - beta1**t)) * m / denom
+
+Units: lr in parameter units per step, eps in gradient units.
+
+All arrays: numpy.ndarray, float32 or float64 (one dtype), C-contiguous, aligned, same
+shape; the written ones writeable and not overlapping each other or grad. Nothing is
+converted or copied: anything else raises TypeError/ValueError before any write.
+Hyper-parameters: lr, eps, weight_decay >= 0 and finite; betas in [0, 1); step >= 1.
+)doc";
+
+const char* const kAdamStepMultiDoc = R"doc(adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sqs=None, maximize=False)
+
+Adam steps on many tensors in one native call: lists of arrays, one entry per tensor
+(float32 and float64 tensors may mix), ``steps`` an int for all or one int per tensor.
+Every array is validated before any is written; then the GIL is released once and the
+elements of all tensors are split across threads. Same formula and rules as adam_step;
+tensors may share one (read-only) gradient array.
+)doc";
+
+const char* const kSgdStepDoc = R"doc(sgd_step(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+
+One SGD step in place, torch.optim.SGD semantics; bit-identical to
+fastadam.reference.sgd_step. Per element::
+
+    g = -grad if maximize else grad
+    g = g + T(weight_decay) * p                      # weight_decay != 0
+    buf = g                                          # momentum != 0 and step == 1
+    buf = buf * T(momentum) + T(1 - dampening) * g   # momentum != 0 and step > 1
+    g = g + T(momentum) * buf if nesterov else buf   # momentum != 0
+    p = p - T(lr) * g
+
+momentum_buffer is required exactly when momentum != 0. Same array rules as adam_step.
+)doc";
+
+PyCFunction fastcall(PyObject* (*f)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*)) {
+    return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+}
+
+PyMethodDef kMethods[] = {
+    {"adam_step", fastcall(&adam_step), METH_FASTCALL | METH_KEYWORDS, kAdamStepDoc},
+    {"adam_step_multi", fastcall(&adam_step_multi), METH_FASTCALL | METH_KEYWORDS, kAdamStepMultiDoc},
+    {"sgd_step", fastcall(&sgd_step), METH_FASTCALL | METH_KEYWORDS, kSgdStepDoc},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+PyMethodDef* functional_methods() { return kMethods; }
+
+// Test hook (tests/test_exact_sqrt.py): the square root of the current path's FMA lanes.
+void lane_sqrt(const py::array& x, py::array& out, const py::object& estimate) {
+    const auto is_f32 = [&](const py::handle& h, bool writeable) {
+        if (!py::isinstance<py::array>(h)) return false;
+        const auto a = py::reinterpret_borrow<py::array>(h);
+        return a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) && a.size() == x.size() &&
+               (!writeable || a.writeable());
+    };
+    if (!is_f32(x, false) || !is_f32(out, true) || (!estimate.is_none() && !is_f32(estimate, false)))
+        throw_value("_lane_sqrt(): x, out and estimate must be C-contiguous float32 arrays of one size, out writeable");
+    const float* est = estimate.is_none() ? nullptr : static_cast<const float*>(py::array(estimate).data());
+    fastadam::lane_sqrt(static_cast<const float*>(x.data()), est, static_cast<float*>(out.mutable_data()), x.size(), fastadam::get_isa());
+}
+
+
+}  // namespace fastadam::bindings
