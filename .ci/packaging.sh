@@ -52,8 +52,9 @@ python3 -m venv "$work/venv"
 # cython + setuptools: the Cython cimport test compiles an extension against the wheel.
 "$work/venv/bin/python" -m pip install -q "$whl[test]" torch==2.13.0 "cython>=3" setuptools
 # The benchmark's peers (DeepSpeed, optax) are not installed here: .ci/run's peers step checks
-# them; their tests skip visibly in this run. bench/ goes beside tests/ for the harness's smoke test.
-cp -r tests bench "$work/"
+# them; their tests skip visibly in this run. bench/ and README.md go beside tests/ for the
+# harness's smoke test and tests/test_readme.py.
+cp -r tests bench README.md "$work/"
 (
   cd "$work"
   "$work/venv/bin/python" -c "import fastadam, fastadam._core as c; print('installed:', fastadam.__file__, c.__file__); assert '$work/venv/' in c.__file__; print('ISAs:', fastadam.available_isas(), 'selected:', fastadam.get_isa())"
