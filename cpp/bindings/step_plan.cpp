@@ -91,7 +91,6 @@ StepPlan::StepPlan(const std::string& kind, std::string fn, py::list params, py:
     }
     adam_kept_.keep();
     sgd_kept_.keep();
-    grad_.assign(n, nullptr);
     stepped_.assign(n, 0);
 }
 

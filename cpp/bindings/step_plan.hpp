@@ -59,18 +59,17 @@ private:
         py::tuple tensors;  // the torch parameters in plan order, compared by identity each step
         py::object tensor_type, strided, grad_error, bump_versions, data_ptr;
         py::object step_arrays;  // keeps the 0-d views of state['step'] alive
-        std::vector<std::uintptr_t> param_ptr;
-        std::vector<py::object> dtype, shape;
-        std::vector<py::object> grad;  // the last validated gradient per tensor, held
-        std::vector<std::uintptr_t> grad_ptr;
-        struct Step {
-            char* data = nullptr;  // nullptr: no state['step'] (SGD, or no state yet)
-            char type = 0;         // 'f' float32, 'd' float64, 'q' int64
+        struct Tensor {          // one cache line's worth per tensor: the hot loop reads nothing else
+            PyObject* tensor = nullptr;   // borrowed from `tensors`
+            std::uintptr_t param_ptr = 0;
+            py::object grad;              // weak reference to the last validated gradient, or null
+            std::uintptr_t grad_ptr = 0;  // its data_ptr() then
+            char* step = nullptr;         // state['step'] through a 0-d view; nullptr: none (SGD, or no state yet)
+            char step_type = 0;           // 'f' float32, 'd' float64, 'q' int64
+            py::object dtype, shape;      // the param's, for a new gradient's checks
         };
-        std::vector<Step> steps;
-        std::vector<PyObject*> now;  // this step's .grad per tensor, owned during the step
+        std::vector<Tensor> t;
     };
-
     ArgName name(Slot slot, std::size_t i) const { return ArgName{fn_.c_str(), slot, i, true, labels_.empty() ? nullptr : &labels_}; }
     std::size_t check_groups(py::handle groups) const;  // a list or tuple; returns its length
     void read_hypers(py::handle groups);                  // by name through the table, into adam_/sgd_hypers_
@@ -93,6 +92,7 @@ private:
 
     // torch mode (step_plan_torch.cpp)
     void build_torch(py::handle torch);
+    int torch_tensor(std::size_t i);  // 1: stepped, 0: no gradient, -1: stale
     std::uintptr_t torch_grad(std::size_t i, PyObject* grad);
     [[noreturn]] void raise_grad_error(std::size_t i, PyObject* grad) const;
     std::int64_t torch_count(std::size_t i) const;
@@ -107,7 +107,6 @@ private:
     Footprint footprint_;
     std::vector<Entry> entries_;
     std::vector<py::ssize_t> shapes_;
-    std::vector<const char*> grad_;       // this step's gradient per tensor (torch mode)
     std::vector<unsigned char> stepped_;  // this step updates tensor i
     // One entry per group, sized once (a step refuses another group count): the kept
     // descriptors point into them.

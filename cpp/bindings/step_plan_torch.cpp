@@ -56,16 +56,18 @@ bool call_is(PyObject* o, PyObject* name, PyObject* expected) {
     return ok;
 }
 
-// Drops this step's .grad references however the step ends.
-struct ReleaseAll {
-    std::vector<PyObject*>& refs;
-    ~ReleaseAll() {
-        for (PyObject*& r : refs) {
-            Py_XDECREF(r);
-            r = nullptr;
-        }
-    }
-};
+// The object `ref` (a weak reference) points to, or nullptr once it died; only compared.
+PyObject* weak_target(PyObject* ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject* target = nullptr;
+    if (PyWeakref_GetRef(ref, &target) < 0) PyErr_Clear();
+    Py_XDECREF(target);  // the caller holds the object it compares with
+    return target;
+#else
+    PyObject* target = PyWeakref_GetObject(ref);
+    return target == Py_None ? nullptr : target;
+#endif
+}
 
 }  // namespace
 
@@ -83,19 +85,18 @@ void StepPlan::build_torch(py::handle torch) {
     t->tensors = py::reinterpret_steal<py::tuple>(PySequence_Tuple(tensors.ptr()));
     if (!t->tensors) throw py::error_already_set();
     t->data_ptr = t->tensor_type.attr("data_ptr");
+    t->t.resize(n);
     for (std::size_t i = 0; i < n; ++i) {
-        PyObject* p = PyTuple_GET_ITEM(t->tensors.ptr(), i);
-        if (!PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(t->tensor_type.ptr())))
-            throw_type(name(kParam, i).str() + ": internal error: torch.tensors holds a " + type_name(p));
-        t->dtype.push_back(py::reinterpret_borrow<py::object>(p).attr("dtype"));
-        t->shape.push_back(py::reinterpret_borrow<py::object>(p).attr("shape"));
-        std::uintptr_t ptr = 0;
-        if (!data_ptr_of(t->data_ptr.ptr(), p, &ptr)) throw py::error_already_set();
-        if (entries_[i].param.nbytes > 0 && ptr != reinterpret_cast<std::uintptr_t>(entries_[i].param.data))
+        Torch::Tensor& e = t->t[i];
+        e.tensor = PyTuple_GET_ITEM(t->tensors.ptr(), i);
+        if (!PyObject_TypeCheck(e.tensor, reinterpret_cast<PyTypeObject*>(t->tensor_type.ptr())))
+            throw_type(name(kParam, i).str() + ": internal error: torch.tensors holds a " + type_name(e.tensor));
+        e.dtype = py::reinterpret_borrow<py::object>(e.tensor).attr("dtype");
+        e.shape = py::reinterpret_borrow<py::object>(e.tensor).attr("shape");
+        if (!data_ptr_of(t->data_ptr.ptr(), e.tensor, &e.param_ptr)) throw py::error_already_set();
+        if (entries_[i].param.nbytes > 0 && e.param_ptr != reinterpret_cast<std::uintptr_t>(entries_[i].param.data))
             throw_value(name(kParam, i).str() + ": internal error: params[i] is not a view of torch.tensors[i]");
-        t->param_ptr.push_back(ptr);
     }
-    t->steps.resize(n);
     if (!steps.is_none()) {
         check_list(steps, fn, "torch.steps", n, true, "0-d arrays or None");
         const int int64_num = py::dtype::of<std::int64_t>().num();
@@ -111,14 +112,12 @@ void StepPlan::build_torch(py::handle torch) {
                 !a.dtype().attr("isnative").cast<bool>())
                 throw_type(arg.str() + " must be a float32, float64 or int64 scalar tensor (writeable, aligned, native byte order), got " +
                            std::string(py::repr(a.dtype())) + " of shape " + shape_str(a));
-            t->steps[i] = Torch::Step{static_cast<char*>(a.mutable_data()), type};
-            footprint_.add(t->steps[i].data, a.itemsize(), kStep, i);
+            t->t[i].step = static_cast<char*>(a.mutable_data());
+            t->t[i].step_type = type;
+            footprint_.add(t->t[i].step, a.itemsize(), kStep, i);
         }
     }
     t->step_arrays = steps;
-    t->grad.resize(n);
-    t->grad_ptr.assign(n, 0);
-    t->now.assign(n, nullptr);
     torch_ = std::move(t);
 }
 
@@ -139,9 +138,9 @@ std::uintptr_t StepPlan::torch_grad(std::size_t i, PyObject* grad) {
     const Names& nm = names();
     std::uintptr_t ptr = 0;
     const bool ok = PyObject_TypeCheck(grad, reinterpret_cast<PyTypeObject*>(t.tensor_type.ptr())) &&
-                    attr_is(grad, nm.dtype, t.dtype[i].ptr()) && attr_is(grad, nm.layout, t.strided.ptr()) &&
+                    attr_is(grad, nm.dtype, t.t[i].dtype.ptr()) && attr_is(grad, nm.layout, t.strided.ptr()) &&
                     attr_is(grad, nm.is_cpu, Py_True) && call_is(grad, nm.is_neg, Py_False) &&
-                    call_is(grad, nm.is_contiguous, Py_True) && attr_is(grad, nm.shape, t.shape[i].ptr(), true) &&
+                    call_is(grad, nm.is_contiguous, Py_True) && attr_is(grad, nm.shape, t.t[i].shape.ptr(), true) &&
                     data_ptr_of(t.data_ptr.ptr(), grad, &ptr);
     if (!ok) raise_grad_error(i, grad);
     return ptr;
@@ -149,31 +148,58 @@ std::uintptr_t StepPlan::torch_grad(std::size_t i, PyObject* grad) {
 
 // state['step'] of tensor i, checked, plus one: this update's 1-based count.
 std::int64_t StepPlan::torch_count(std::size_t i) const {
-    const Torch::Step& s = torch_->steps[i];
-    if (s.data == nullptr) return 2;  // SGD without a count: the momentum buffer is not new
-    if (s.type == 'q') {
-        const std::int64_t v = *reinterpret_cast<const std::int64_t*>(s.data);
+    const Torch::Tensor& s = torch_->t[i];
+    if (s.step == nullptr) return 2;  // SGD without a count: the momentum buffer is not new
+    if (s.step_type == 'q') {
+        const std::int64_t v = *reinterpret_cast<const std::int64_t*>(s.step);
         if (v < 0) throw_value(name(kStep, i).str() + " must be a whole number >= 0, got " + std::to_string(v));
         return v + 1;
     }
-    const double v = s.type == 'f' ? static_cast<double>(*reinterpret_cast<const float*>(s.data)) : *reinterpret_cast<const double*>(s.data);
+    const double v = s.step_type == 'f' ? static_cast<double>(*reinterpret_cast<const float*>(s.step)) : *reinterpret_cast<const double*>(s.step);
     if (!(v >= 0 && v == std::floor(v) && v < 9.0e18))
         throw_value(name(kStep, i).str() + " must be a whole number >= 0, got " + std::string(py::repr(py::float_(v))));
     return static_cast<std::int64_t>(v) + 1;
 }
 
+// Tensor i's part of a step, checked in the order that keeps a stale plan from raising:
+// its param's identity and address, its state, then its gradient and count.
+int StepPlan::torch_tensor(std::size_t i) {
+    Torch& t = *torch_;
+    Torch::Tensor& e = t.t[i];
+    const py::object grad = py::reinterpret_steal<py::object>(PyObject_GetAttr(e.tensor, names().grad));
+    if (!grad) throw py::error_already_set();
+    if (grad.is_none()) return 0;
+    std::uintptr_t ptr = 0;
+    if (!data_ptr_of(t.data_ptr.ptr(), e.tensor, &ptr)) throw py::error_already_set();
+    if (ptr != e.param_ptr || state_missing(i) || (adam_ && e.step == nullptr)) return -1;
+    // The gradient validated last time, at its old address, is reused. A weak reference:
+    // holding it would keep a model's worth of gradients alive across zero_grad(set_to_none=True).
+    bool same = e.grad && weak_target(e.grad.ptr()) == grad.ptr();
+    if (same && !data_ptr_of(t.data_ptr.ptr(), grad.ptr(), &ptr)) {
+        PyErr_Clear();  // the full check names the problem
+        same = false;
+    }
+    if (!same || ptr != e.grad_ptr) {
+        ptr = torch_grad(i, grad.ptr());
+        e.grad = py::reinterpret_steal<py::object>(PyWeakref_NewRef(grad.ptr(), nullptr));
+        if (!e.grad) PyErr_Clear();  // not weakly referenceable: checked at every step
+        e.grad_ptr = ptr;
+    }
+    const char* data = reinterpret_cast<const char*>(ptr);
+    check_grad_overlap(entries_[i], i, data);
+    set_kept(entries_[i], data, torch_count(i));
+    return 1;
+}
+
 bool StepPlan::torch_step(py::handle groups) {
     if (!torch_) throw_value(fn_ + ": this plan was built without torch=...; call step()");
-    Torch& t = *torch_;
-    const Names& nm = names();
     const std::size_t n = entries_.size();
-    // 1. The same tensors in the same groups, at the same addresses, with state.
+    // The same tensors in the same groups (a group's "params" list compared by identity).
     if (check_groups(groups) != n_groups_) return false;
-    PyObject* const* tensors = n ? &PyTuple_GET_ITEM(t.tensors.ptr(), 0) : nullptr;
     for (std::size_t g = 0, i = 0; g < n_groups_; ++g) {
         PyObject* group = PySequence_Fast_GET_ITEM(groups.ptr(), g);
         if (!PyDict_Check(group)) throw_type(fn_ + ": param_groups[" + std::to_string(g) + "] must be a dict, got " + type_name(group));
-        PyObject* ps = PyDict_GetItemWithError(group, nm.params);  // borrowed
+        PyObject* ps = PyDict_GetItemWithError(group, names().params);  // borrowed
         if (ps == nullptr) {
             if (PyErr_Occurred()) throw py::error_already_set();
             return false;
@@ -181,45 +207,17 @@ bool StepPlan::torch_step(py::handle groups) {
         if (!(PyList_Check(ps) || PyTuple_Check(ps)) || static_cast<std::size_t>(Py_SIZE(ps)) != group_sizes_[g]) return false;
         PyObject* const* items = PySequence_Fast_ITEMS(ps);
         for (std::size_t j = 0; j < group_sizes_[g]; ++j, ++i)
-            if (items[j] != tensors[i]) return false;
+            if (items[j] != torch_->t[i].tensor) return false;
     }
     read_hypers(groups);  // which state a step needs depends on them (amsgrad, momentum)
-    const ReleaseAll release{t.now};
-    for (std::size_t i = 0; i < n; ++i) {
-        PyObject* grad = PyObject_GetAttr(tensors[i], nm.grad);
-        if (grad == nullptr) throw py::error_already_set();
-        if (grad == Py_None) {
-            Py_DECREF(grad);
-            continue;
-        }
-        t.now[i] = grad;
-        std::uintptr_t ptr = 0;
-        if (!data_ptr_of(t.data_ptr.ptr(), tensors[i], &ptr)) throw py::error_already_set();
-        if (ptr != t.param_ptr[i] || state_missing(i) || (adam_ && t.steps[i].data == nullptr)) return false;
-    }
     prefetch();
-    // 2. Gradients: a held one at its old address is reused; any other is checked.
     for (std::size_t i = 0; i < n; ++i) {
-        PyObject* grad = t.now[i];
-        stepped_[i] = grad != nullptr;
-        if (grad == nullptr) continue;
-        std::uintptr_t ptr = 0;
-        bool same = grad == t.grad[i].ptr();
-        if (same && !data_ptr_of(t.data_ptr.ptr(), grad, &ptr)) {
-            PyErr_Clear();  // the full check below names the problem
-            same = false;
-        }
-        if (!same || ptr != t.grad_ptr[i]) {
-            ptr = torch_grad(i, grad);
-            t.grad[i] = py::reinterpret_borrow<py::object>(grad);
-            t.grad_ptr[i] = ptr;
-        }
-        grad_[i] = reinterpret_cast<const char*>(ptr);
-        check_grad_overlap(entries_[i], i, grad_[i]);
+        const int r = torch_tensor(i);
+        if (r < 0) return false;
+        stepped_[i] = static_cast<unsigned char>(r);
+        if (r == 0) set_kept(entries_[i], nullptr, 0);
     }
-    // 3. Counts.
-    for (std::size_t i = 0; i < n; ++i) set_kept(entries_[i], stepped_[i] ? grad_[i] : nullptr, stepped_[i] ? torch_count(i) : 0);
-    // 4. Everything is checked: write.
+    // Everything is checked: write.
     launch();
     torch_finish();
     return true;
@@ -234,10 +232,10 @@ void StepPlan::torch_finish() {
     for (std::size_t i = 0; i < n; ++i) {
         if (!stepped_[i]) continue;
         ++count;
-        char* d = t.steps[i].data;
+        char* d = t.t[i].step;
         if (d == nullptr) continue;
-        if (t.steps[i].type == 'f') *reinterpret_cast<float*>(d) += 1.0f;
-        else if (t.steps[i].type == 'd') *reinterpret_cast<double*>(d) += 1.0;
+        if (t.t[i].step_type == 'f') *reinterpret_cast<float*>(d) += 1.0f;
+        else if (t.t[i].step_type == 'd') *reinterpret_cast<double*>(d) += 1.0;
         else *reinterpret_cast<std::int64_t*>(d) += 1;
     }
     if (t.bump_versions.is_none() || count == 0) return;
