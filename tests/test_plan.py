@@ -423,3 +423,21 @@ def test_torch_sgd_without_counts_and_first_step_through_numpy_mode():
         reference.sgd_step(want[i], grads[i].numpy(), bufs[i], step=2, **kw)
     assert_same([p.detach().numpy() for p in params], want)
     assert_same([b.numpy() for b in st["momentum_buffer"]], bufs)
+
+
+def test_torch_plan_keeps_no_gradient_alive():
+    """zero_grad(set_to_none=True) must free the gradients: the plan remembers the last
+    validated one without holding it, and a new tensor at a recycled address is checked again."""
+    import weakref
+
+    torch = torch_or_skip()
+    params = make_params(torch, n=2)
+    plan, api, st, groups = torch_plan(torch, params)
+    for p in params:
+        p.grad = torch.ones(p.shape)
+    assert plan.torch_step(groups)
+    gone = weakref.ref(params[0].grad)
+    params[0].grad = None
+    assert gone() is None, "the plan kept a gradient alive"
+    params[0].grad = torch.ones(4, 5, dtype=torch.float32)
+    assert plan.torch_step(groups) and [float(s) for s in st["step"]] == [2.0, 2.0]
