@@ -112,6 +112,20 @@ def test_param_groups_with_own_hyper_parameters():
     assert "max_exp_avg_sq" in opt.state[2] and "max_exp_avg_sq" not in opt.state[0]
 
 
+def test_one_gradient_list_per_group_with_one_param_each():
+    """[[gw], [gb]] for two groups of one param each is one list per group, as with larger groups."""
+    rng = np.random.default_rng(5)
+    w, b = make_params(rng, ((4, 3), (3,)))
+    ref = [w.copy(), b.copy()]
+    opt = fastadam.Adam([{"params": [w]}, {"params": [b], "lr": 0.1}], lr=0.01)
+    gw, gb = grads_like(rng, [w, b])
+    opt.step([[gw], [gb]])
+    assert same_bits(w, reference_adam([ref[0]], [[gw]], lr=0.01)[0])
+    assert same_bits(b, reference_adam([ref[1]], [[gb]], lr=0.1)[0])
+    with pytest.raises(ValueError, match=r"gradient lists of sizes \[2, 0\] for param groups of sizes \[1, 1\]"):
+        opt.step([[gw, gb], []])
+
+
 def test_mutable_lr_takes_effect_next_step():
     rng = np.random.default_rng(5)
     params = make_params(rng)

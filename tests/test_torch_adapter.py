@@ -513,15 +513,36 @@ def test_bad_grads_are_rejected_before_anything_changes(torch, ft, kind, cls_nam
 
 
 @pytest.mark.parametrize("cls_name, flag", [(c, f) for c in ("Adam", "AdamW", "SGD")
-                                             for f in ("foreach", "fused", "capturable", "differentiable")
+                                             for f in ("capturable", "differentiable")
                                              if (c, f) != ("SGD", "capturable")])  # torch's SGD has no capturable
 def test_other_implementations_are_refused(torch, ft, cls_name, flag):
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match=rf"{flag}=True is not supported.*torch\.optim\.{cls_name}"):
         getattr(ft, cls_name)([p], **{flag: True})
-    opt = getattr(ft, cls_name)([p], **{flag: False if flag in ("capturable", "differentiable") else None})
+    opt = getattr(ft, cls_name)([p], **{flag: False})
     with pytest.raises(ValueError, match=rf"{flag}=True is not supported"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], flag: True})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW", "SGD"])
+@pytest.mark.parametrize("flags", [{"fused": True}, {"foreach": True}, {"foreach": False, "fused": False}])
+def test_foreach_and_fused_are_accepted_and_change_nothing(torch, ft, cls_name, flags):
+    """fastadam's step is always fused and multi-tensor: code written for torch.optim.X(fused=True)
+    switches by changing the import, and gets the same bits as without the flag."""
+    kwargs = {"momentum": 0.9} if cls_name == "SGD" else {}
+    results = []
+    for extra in ({}, flags):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+        opt = getattr(ft, cls_name)([p], lr=0.1, **kwargs, **extra)
+        for k in range(3):
+            p.grad = torch.cos(torch.arange(7.0) + k)
+            opt.step()
+        results.append(p.detach().clone())
+        assert all(opt.param_groups[0][key] == value for key, value in extra.items())
+    assert torch.equal(results[0], results[1])
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):  # torch's own rule
+        getattr(ft, cls_name)([torch.nn.Parameter(torch.zeros(2))], foreach=True, fused=True)
 
 
 def test_bad_hyper_parameters(torch, ft):
@@ -546,16 +567,19 @@ def test_bad_hyper_parameters(torch, ft):
 
 
 def test_torch_state_dict_with_other_implementation_flags_loads(torch, ft):
-    """foreach/fused/capturable choose torch's implementation; loading such a state dict gives
-    fastadam's (the flags fall back to their defaults), the hyper-parameters and state load as they are."""
+    """foreach/fused choose nothing here and load as they are; capturable/differentiable fall back
+    to their defaults; the hyper-parameters and state load as they are."""
     p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
     ref = torch.optim.Adam([p], lr=0.02, foreach=True, amsgrad=True)
     p.grad = torch.ones(4)
     ref.step()
     fast = ft.Adam([q])
-    fast.load_state_dict(copy.deepcopy(ref.state_dict()))
+    saved = copy.deepcopy(ref.state_dict())
+    saved["param_groups"][0]["capturable"] = True
+    fast.load_state_dict(saved)
     group = fast.param_groups[0]
-    assert group["foreach"] is None and group["lr"] == 0.02 and group["amsgrad"] is True
+    assert group["foreach"] is True and group["capturable"] is False
+    assert group["lr"] == 0.02 and group["amsgrad"] is True
     q.grad = torch.ones(4)
     fast.step()
     assert float(fast.state[q]["step"]) == 2
@@ -567,6 +591,172 @@ def test_params_sharing_memory_are_named_by_group(torch, ft):
     b = torch.nn.Parameter(buffer[8:])
     opt = ft.Adam([torch.nn.Parameter(torch.zeros(2)), a, b], lr=0.1)
     a.grad, b.grad = torch.ones(12), torch.ones(12)
-    with pytest.raises(ValueError, match=r"share memory.*\[0\] is param_groups\[0\]\['params'\]\[1\]"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*param_groups\[0\]\['params'\]\[2\].*share memory"):
         opt.step()
     assert torch.equal(buffer, torch.zeros(20)) and not opt.state
+
+
+# ---------------------------------------------------------------- the kept plan and what rebuilds it
+
+
+def test_step_counts_stay_torchs_float_tensors_in_sync(torch, ft):
+    p, q = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p, q], lr=0.1)
+    for k in range(1, 6):
+        p.grad = torch.full((5,), float(k))
+        q.grad = torch.ones(3) if k % 2 else None  # q steps on odd k only
+        opt.step()
+        step_p, step_q = opt.state[p]["step"], opt.state[q]["step"]
+        assert step_p.dtype == torch.float32 and step_p.shape == () and float(step_p) == k
+        assert float(step_q) == (k + 1) // 2
+    saved = opt.state_dict()
+    assert type(saved["state"][0]) is dict and float(saved["state"][0]["step"]) == 5
+
+
+def test_int64_step_counts_on(torch, ft):
+    """torch.optim accepts an int64 state['step'] and counts on in it; so does the adapter."""
+    p, ref_p = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt, ref = ft.Adam([p], lr=0.1), torch.optim.Adam([ref_p], lr=0.1, foreach=False)
+    for o, t in ((opt, p), (ref, ref_p)):
+        t.grad = torch.ones(4)
+        o.step()
+        o.state[t]["step"] = torch.tensor(7, dtype=torch.int64)
+        t.grad = torch.full((4,), 0.5)
+        o.step()
+    assert opt.state[p]["step"].dtype == torch.int64 and int(opt.state[p]["step"]) == int(ref.state[ref_p]["step"]) == 8
+    torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("change", ["param.data", "model.double", "add_param_group", "load_state_dict",
+                                    "state entry", "group params list", "new grad tensors", "grad set to None"])
+def test_plan_follows_what_changes_between_steps(torch, ft, change):
+    """Each change is seen by the next step, which gives the bits the NumPy optimizer gives on
+    the same arrays from there (the plan is rebuilt, or the fast path re-checks the gradient)."""
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))
+    opt = ft.Adam([w, b], lr=0.05)
+    grad = lambda t, k: torch.sin(torch.arange(t.numel(), dtype=t.dtype).reshape(t.shape) + k)  # noqa: E731
+    for k in range(3):
+        w.grad, b.grad = grad(w, k), grad(b, k)
+        opt.step()
+    params = [w, b]
+    if change == "param.data":
+        w.data = torch.randn(6, 4)
+    elif change == "model.double":
+        for p in params:
+            p.data = p.data.double()
+        for p in params:
+            for key in ("exp_avg", "exp_avg_sq"):
+                opt.state[p][key] = opt.state[p][key].double()
+    elif change == "add_param_group":
+        extra = torch.nn.Parameter(torch.randn(3))
+        opt.add_param_group({"params": [extra], "lr": 0.01})
+        params.append(extra)
+    elif change == "load_state_dict":
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    elif change == "state entry":
+        opt.state[w]["exp_avg"] = torch.full((6, 4), 0.25)
+    elif change == "group params list":
+        opt.param_groups[0]["params"][1] = replacement = torch.nn.Parameter(torch.randn(4))
+        params[1] = replacement
+    # What the NumPy optimizer does from the same arrays and state on:
+    arrays = [p.detach().numpy().copy() for p in params]
+    ref = fastadam.Adam([{"params": arrays[:2], "lr": 0.05}] + ([{"params": arrays[2:], "lr": 0.01}] if len(arrays) > 2 else []))
+    for i, p in enumerate(params):
+        s = opt.state.get(p)
+        if s:
+            ref._buffers["exp_avg"][i] = s["exp_avg"].numpy().copy()
+            ref._buffers["exp_avg_sq"][i] = s["exp_avg_sq"].numpy().copy()
+            ref._steps[i] = int(s["step"])
+    for k in range(3, 6):
+        grads = [grad(p, k) for p in params]
+        if change == "grad set to None" and k == 4:
+            grads[0] = None
+        for p, g in zip(params, grads):
+            p.grad = g if change != "new grad tensors" else (None if g is None else g.clone())
+        opt.step()
+        ref.step([None if g is None else g.numpy() for g in grads])
+    for i, (p, a) in enumerate(zip(params, arrays)):
+        assert same_bits(p.detach().numpy(), a), change
+        assert float(opt.state[p]["step"]) == ref.state[i]["step"]
+
+
+def test_fast_path_checks_a_grad_changed_in_place_of_its_memory(torch, ft):
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(4, 3)
+    opt.step()
+    p.grad.data = torch.ones(8, 3)[::2]  # same grad object, new (strided) memory
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"gradient of param_groups\[0\]\['params'\]\[0\].*not contiguous"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 1
+    p.grad.data = torch.ones(4, 3, dtype=torch.float64)  # torch refuses p.grad = <float64>, not this
+    with pytest.raises(TypeError, match=r"gradient of param_groups\[0\]\['params'\]\[0\] has dtype torch.float64"):
+        opt.step()
+    p.grad.data = torch.ones(12)
+    with pytest.raises(ValueError, match=r"has shape \(12,\), the parameter \(4, 3\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 1
+
+
+def test_load_state_dict_keeps_entries_that_are_not_a_params(torch, ft):
+    p, ref_p = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    ref = torch.optim.Adam([ref_p])
+    ref_p.grad = torch.ones(3)
+    ref.step()
+    saved = ref.state_dict()
+    saved["state"]["extra"] = 5  # torch keeps such entries as they are
+    opt = ft.Adam([p])
+    opt.load_state_dict(copy.deepcopy(saved))
+    ref.load_state_dict(copy.deepcopy(saved))
+    assert opt.state["extra"] == ref.state["extra"] == 5
+    p.grad = torch.ones(3)
+    opt.step()
+    assert float(opt.state[p]["step"]) == 2
+
+
+def test_tensor_hyper_parameters_are_checked_as_torch_does(torch, ft):
+    p = torch.nn.Parameter(torch.zeros(3))
+    for cls in (torch.optim.Adam, ft.Adam, ft.AdamW, torch.optim.SGD, ft.SGD):
+        with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+            cls([p], lr=torch.tensor([0.1, 0.2]))
+    for cls in (torch.optim.Adam, ft.Adam, ft.AdamW):
+        with pytest.raises(ValueError, match="betas must be either both floats or both Tensors"):
+            cls([p], betas=(0.9, torch.tensor(0.999)))
+    opt = ft.Adam([p], lr=torch.tensor(0.1), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.1))
+
+
+def test_import_without_torch_names_the_extra():
+    code = "import sys; sys.modules['torch'] = None\ntry:\n    import fastadam.torch\nexcept ImportError as e:\n    print(e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "fastadam[torch]"' in out and "torch==2.13.0" in out
+
+
+def test_two_threads_stepping_one_optimizer_are_refused(torch, ft):
+    import threading
+
+    p = torch.nn.Parameter(torch.zeros(2_000_000))
+    p.grad = torch.ones(2_000_000)
+    opt = ft.Adam([p])
+    errors, steps, count_lock = [], [0], threading.Lock()
+
+    def run():
+        for _ in range(30):
+            try:
+                opt.step()
+                with count_lock:
+                    steps[0] += 1
+            except RuntimeError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all("another thread is running a step" in e for e in errors)
+    assert float(opt.state[p]["step"]) == steps[0]  # every step that ran was counted, no other

@@ -7,13 +7,13 @@ releases the GIL once and updates all tensors in one parallel region.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from . import _core
+from ._common import ADAM, SGD as _SGD_ALGORITHM, Algorithm, Rollback, StepGuard, check_group, state_stagger, zeros_packed
 
 __all__ = ["Optimizer", "Adam", "AdamW", "SGD"]
 
@@ -21,47 +21,14 @@ Params = Sequence[np.ndarray] | Mapping[str, np.ndarray] | Sequence[Mapping[str,
 Grads = Sequence[np.ndarray | None] | Sequence[Sequence[np.ndarray | None]] | Mapping[str, np.ndarray | None]
 
 
-# The state buffers are the optimizer's own, so it places them. All buffers of one
-# kind (exp_avg, ...) created together share one zeroed block, each starting on a
-# 64-byte boundary; the blocks of different kinds start at different offsets within a
-# 4 KiB page. Each numpy.zeros_like of its own had put a tensor's exp_avg and
-# exp_avg_sq at nearly the same offset within a page, and the CPU then takes a load from
-# one for a possible reload of a store to the other ("4K aliasing"): the 1000 x 1000-element
-# step took 15% longer (README, "What limits each size").
-_LINE = 64
-_PAGE = 4096
-_STAGGER = 1088  # 17 cache lines between the page offsets of successive kinds
-
-
-def _zeros_packed(likes: Sequence[np.ndarray], stagger: int) -> list[np.ndarray]:
-    """Zeroed C-contiguous arrays shaped like ``likes``, packed in one block on 64-byte
-    boundaries, the first ``stagger`` bytes past a page boundary."""
-    if not likes:
-        return []
-    offsets, total = [], 0
-    for like in likes:
-        offsets.append(total)
-        total += -(-like.nbytes // _LINE) * _LINE
-    raw = np.zeros(total + _PAGE, dtype=np.uint8)
-    base = (stagger - raw.ctypes.data) % _PAGE
-    return [
-        raw[base + offset : base + offset + like.nbytes].view(like.dtype).reshape(like.shape)
-        for like, offset in zip(likes, offsets)
-    ]
-
-
 class Optimizer:
     """Common machinery: param groups, gradient layout, lazily created state, state_dict.
 
-    Subclasses set ``_hyper_keys`` (the group keys the kernel reads, in order),
-    ``_state_keys`` (the per-parameter buffers) and implement ``_needed_buffers``
-    and ``_native_step``.
+    Subclasses set ``_algorithm`` (the update rule: its kernel, hyper-parameter table
+    and state buffers, fastadam._common) and pass their defaults.
     """
 
-    _hyper_keys: ClassVar[tuple[str, ...]] = ()
-    _kernel_step: ClassVar[Any]  # _core._StepPlan.adam_step or .sgd_step
-    _state_keys: ClassVar[tuple[str, ...]] = ()
-    _counts_steps: ClassVar[bool] = True  # torch keeps state["step"] (Adam) or not (SGD)
+    _algorithm: ClassVar[Algorithm]
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self.defaults = dict(defaults)
@@ -70,13 +37,13 @@ class Optimizer:
         self._params: list[np.ndarray] = []
         self._names: list[str | None] = []
         self._buffers: dict[str, list[np.ndarray | None]] = {k: [] for k in self._state_keys}
-        self._steps = np.zeros(0, dtype=np.int64)
+        self._steps = np.zeros(0, dtype=np.int64)  # counted by the plan
         self._group_sizes: list[int] = []
         # The buffers each group needed when every param last had all of them; while it
         # matches, a step skips the Python loop that creates state.
         self._complete_for: list[tuple[str, ...]] | None = None
         self._plan: Any = None
-        self._step_lock = threading.Lock()
+        self._guard = StepGuard(self._step_name)
 
         if isinstance(params, np.ndarray):
             raise TypeError(
@@ -93,6 +60,10 @@ class Optimizer:
                 groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(group)
+
+    @property
+    def _state_keys(self) -> tuple[str, ...]:
+        return self._algorithm.state_keys
 
     # ----- groups ------------------------------------------------------------------
 
@@ -118,7 +89,7 @@ class Optimizer:
         group["params"] = arrays
         name = f"{type(self).__name__}()"
         _core._check_params(self._params + arrays, name)  # dtypes, layout, and no array given twice
-        self._check_group(group, f"{name}: param_groups[{len(self.param_groups)}]")
+        check_group(self._algorithm, group, f"{name}: param_groups[{len(self.param_groups)}]")
         named = [n for n in names if n is not None]
         if len(set(named)) != len(named) or set(named) & set(self._names):
             raise ValueError(f"{name}: parameter names must be unique")
@@ -132,12 +103,6 @@ class Optimizer:
         self._group_sizes.append(len(arrays))
         self._complete_for = None
         self._plan = None
-
-    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
-        raise NotImplementedError
-
-    def _hypers(self) -> list[tuple[Any, ...]]:
-        return [tuple(group[k] for k in self._hyper_keys) for group in self.param_groups]
 
     # ----- the step ----------------------------------------------------------------
 
@@ -157,57 +122,59 @@ class Optimizer:
                 f"{type(self).__name__}.step(): grads must be a list aligned with the params (or a dict by name), "
                 f"got {type(grads).__name__}"
             )
-        if len(grads) == len(self.param_groups) != n and all(isinstance(g, (list, tuple)) for g in grads):
-            flat: list[np.ndarray | None] = [g for group in grads for g in group]  # type: ignore[union-attr]
-            grads = flat
+        # One list per group ([[gw], [gb]]): arrays are never lists, so lists mean groups.
+        if len(grads) == len(self.param_groups) and grads and all(isinstance(g, (list, tuple)) for g in grads):
+            sizes = [len(g) for g in grads]  # type: ignore[arg-type]
+            if sizes != self._group_sizes:
+                raise ValueError(
+                    f"{type(self).__name__}.step(): got gradient lists of sizes {sizes} for param groups of sizes "
+                    f"{self._group_sizes}"
+                )
+            return [g for group in grads for g in group]  # type: ignore[union-attr]
         if len(grads) != n:
             raise ValueError(f"{type(self).__name__}.step(): got {len(grads)} gradients for {n} parameters")
         return grads  # type: ignore[return-value]
 
     def step(self, grads: Grads) -> None:
-        """Update every parameter in place from ``grads`` (aligned with the params, or by name).
+        """Update every parameter in place from ``grads`` (aligned with the params, one list
+        per group, or by name).
 
         A ``None`` gradient skips its parameter, as torch skips params whose ``.grad``
         is None. All gradients are validated before any array is written. A step called
         while another thread is inside a step of the same optimizer raises RuntimeError.
         """
-        # A step writes the params and state in place, partly without the GIL: two
-        # threads stepping one optimizer at once would race, so the second is refused.
-        if not self._step_lock.acquire(blocking=False):
-            raise RuntimeError(f"{self._step_name}: another thread is running a step of this optimizer")
-        try:
+        with self._guard:
             grad_list = self._grad_list(grads)
-            created: list[tuple[str, int]] = []
-            needs = [self._needed_buffers(group) for group in self.param_groups]
+            created = Rollback()
+            needs = [self._algorithm.needed_keys(group) for group in self.param_groups]
             if needs != self._complete_for:
-                created = self._create_state(grad_list, needs)
+                self._create_state(grad_list, needs, created)
             try:
-                self._native_step(grad_list)
+                if self._plan is None:
+                    states = [list(self._buffers[k]) for k in self._state_keys]
+                    self._plan = _core._StepPlan(
+                        self._algorithm.kind, self._step_name, list(self._params), states, list(self._group_sizes)
+                    )
+                self._plan.step(grad_list, self._steps, self.param_groups)
             except BaseException:
-                for key, i in created:  # a rejected step leaves no trace, not even fresh state
-                    self._buffers[key][i] = None
-                self._complete_for = None
-                if created:
+                if created:  # a rejected step leaves no trace, not even fresh state
+                    created.run()
                     self._plan = None
+                self._complete_for = None
                 raise
-        finally:
-            self._step_lock.release()
 
     def __getstate__(self) -> dict[str, Any]:
-        # copy.deepcopy and pickle: the native plan and the lock are rebuilt, not copied.
+        # copy.deepcopy and pickle: the native plan and the guard are rebuilt, not copied.
         state = self.__dict__.copy()
         state["_plan"] = None
-        del state["_step_lock"]
+        del state["_guard"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._step_lock = threading.Lock()
+        self._guard = StepGuard(self._step_name)
 
-    def _needed_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    def _create_state(self, grads: Sequence[np.ndarray | None], needs: list[tuple[str, ...]]) -> list[tuple[str, int]]:
+    def _create_state(self, grads: Sequence[np.ndarray | None], needs: list[tuple[str, ...]], created: Rollback) -> None:
         missing: dict[str, list[int]] = {key: [] for key in self._state_keys}
         complete = True
         start = 0
@@ -220,26 +187,23 @@ class Optimizer:
                             continue
                         missing[key].append(i)
             start += size
-        created = []
         for kind, (key, indices) in enumerate(missing.items()):
             for i, array in zip(indices, self._zeros_state(kind, indices)):
                 self._buffers[key][i] = array
-                created.append((key, i))
+                created.add(lambda key=key, i=i: self._buffers[key].__setitem__(i, None))
+                if not self._algorithm.counts_steps:
+                    # SGD: count 0 tells the kernel the buffer is new (it becomes the gradient, as torch's clone)
+                    old = int(self._steps[i])
+                    self._steps[i] = 0
+                    created.add(lambda i=i, old=old: self._steps.__setitem__(i, old))
         self._complete_for = needs if complete else None
         if created:
             self._plan = None
-        return created
 
     def _zeros_state(self, kind: int, indices: list[int]) -> list[np.ndarray]:
         """New zeroed buffers of state kind number ``kind`` for the params at ``indices``."""
-        return _zeros_packed([self._params[i] for i in indices], stagger=(kind + 1) * _STAGGER)
-
-    def _native_step(self, grads: Sequence[np.ndarray | None]) -> None:
-        # The plan holds the validated params and state; it is rebuilt whenever they change.
-        if self._plan is None:
-            states = [list(self._buffers[k]) for k in self._state_keys]
-            self._plan = _core._StepPlan(self._step_name, list(self._params), states, list(self._group_sizes))
-        self._kernel_step(self._plan, grads, self._steps, self._hypers())
+        likes = [(self._params[i].shape, self._params[i].dtype) for i in indices]
+        return zeros_packed(likes, stagger=state_stagger(kind))
 
     # ----- state -------------------------------------------------------------------
 
@@ -249,7 +213,7 @@ class Optimizer:
         out: dict[int, dict[str, Any]] = {}
         for i in range(len(self._params)):
             entry: dict[str, Any] = {k: self._buffers[k][i] for k in self._state_keys if self._buffers[k][i] is not None}
-            if self._counts_steps and (entry or self._steps[i]):
+            if self._algorithm.counts_steps and (entry or self._steps[i]):
                 out[i] = {"step": float(self._steps[i]), **entry}
             elif entry:
                 out[i] = entry
@@ -309,7 +273,7 @@ class Optimizer:
                             f"{name}: {key} of parameter {saved_index} has shape {loaded.shape}, the parameter {param.shape}"
                         )
                     new_buffers[key][i] = loaded
-                    if not self._counts_steps:
+                    if not self._algorithm.counts_steps:
                         new_steps[i] = 1  # a loaded momentum buffer is past its first step
                 else:
                     raise ValueError(f"{name}: unknown state entry {key!r} for parameter {saved_index}")
@@ -319,7 +283,7 @@ class Optimizer:
             updated.update({k: v for k, v in saved.items() if k != "params"})
             if "betas" in updated:
                 updated["betas"] = tuple(updated["betas"])
-            self._check_group(updated, name)
+            check_group(self._algorithm, updated, name)
             new_groups.append(updated)
         for kind, key in enumerate(self._state_keys):  # copied into the optimizer's own blocks
             indices = [i for i, a in enumerate(new_buffers[key]) if a is not None]
@@ -361,9 +325,7 @@ class Adam(Optimizer):
     ``step(grads)`` takes gradients in the params' structure; arrays are updated in place.
     """
 
-    _hyper_keys = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
-    _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _kernel_step = staticmethod(_core._StepPlan.adam_step)
+    _algorithm = ADAM
 
     def __init__(
         self,
@@ -388,11 +350,6 @@ class Adam(Optimizer):
         )
         super().__init__(params, defaults)
 
-    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
-        _core._check_adam_group(tuple(group[k] for k in self._hyper_keys), where)
-
-    def _needed_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return self._state_keys if group["amsgrad"] else self._state_keys[:2]
 
 
 class AdamW(Adam):
@@ -421,10 +378,7 @@ class SGD(Optimizer):
     (nesterov) or ``g = buf``; ``p = p - lr*g``. See :mod:`fastadam.reference`.
     """
 
-    _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-    _state_keys = ("momentum_buffer",)
-    _counts_steps = False
-    _kernel_step = staticmethod(_core._StepPlan.sgd_step)
+    _algorithm = _SGD_ALGORITHM
 
     def __init__(
         self,
@@ -439,15 +393,3 @@ class SGD(Optimizer):
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
-
-    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
-        _core._check_sgd_group(tuple(group[k] for k in self._hyper_keys), where)
-
-    def _needed_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return self._state_keys if group["momentum"] != 0 else ()
-
-    def _create_state(self, grads: Sequence[np.ndarray | None], needs: list[tuple[str, ...]]) -> list[tuple[str, int]]:
-        created = super()._create_state(grads, needs)
-        for _, i in created:
-            self._steps[i] = 0  # the kernel sets a new buffer to the gradient (torch: clone) on step 0
-        return created

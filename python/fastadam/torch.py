@@ -22,7 +22,9 @@ tensors. So ``state_dict()`` has torch.optim's layout and loads into the matchin
 ``torch.optim`` optimizer, and torch's state dicts load here.
 
 Supported tensors: CPU, dense (strided), contiguous, float32 or float64, the gradient
-of the parameter's dtype. Anything else -- CUDA or meta tensors, sparse tensors or
+of the parameter's dtype. ``foreach`` and ``fused`` are accepted and change nothing
+(fastadam's step is always fused and multi-tensor); ``capturable`` and
+``differentiable`` are refused. Anything else -- CUDA or meta tensors, sparse tensors or
 gradients, complex, float16/bfloat16 or integer dtypes, non-contiguous tensors --
 raises ``TypeError`` (device, layout, dtype) or ``ValueError`` (memory layout) naming
 the tensor, before anything is updated. Parameters whose ``.grad`` is None are skipped,
@@ -37,31 +39,44 @@ torch and fastadam load the same OpenMP runtime (both link ``libgomp.so.1``; the
 loaded serves both), ``torch.set_num_threads(n)`` changes that default too; call
 ``fastadam.set_num_threads(n)`` to choose independently of torch.
 
-``import fastadam`` never imports torch; this module does (``pip install fastadam[torch]``).
+Speed: the optimizer keeps its native step plan from step to step. A step reads each
+parameter's ``.grad`` and checks that the parameter still has the memory the plan
+holds; everything else (state lookups, NumPy views, step counts) stays in the plan,
+which is rebuilt when parameters, groups or state change (``param.data = ...``,
+``add_param_group``, ``load_state_dict``, an entry of ``state`` set or removed).
+
+``import fastadam`` never imports torch; this module does (``pip install "fastadam[torch]"``).
 """
 
 from __future__ import annotations
 
-import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, overload
 
 import numpy as np
-import numpy.typing as npt
-import torch
+
+try:
+    import torch
+except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        'fastadam.torch needs PyTorch: pip install "fastadam[torch]" '
+        "(on a machine without a GPU, pin the CPU build first, e.g. pip install torch==2.13.0)"
+    ) from _error
 
 from . import _core
+from ._common import ADAM, SGD as _SGD_ALGORITHM, Algorithm, Rollback, StepGuard, check_group, state_stagger, zeros_packed
 
 __all__ = ["Adam", "AdamW", "SGD"]
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
-_Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 
 _FLOATS = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
-
-# The kernel's error messages name tensors by their index in the lists of one step.
-_INDEXED = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|momentum_buffers)\[(\d+)\]")
+_STEP_DTYPES = (torch.float32, torch.float64, torch.int64)
+# torch._C._increment_version(tensors): what torch's in-place ops do to a tensor's version,
+# so autograd notices a parameter that a retained graph saved was modified by the step.
+_increment_version: Callable[[Any], None] | None = getattr(torch._C, "_increment_version", None)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -101,6 +116,8 @@ def _tensor_error(t: object, what: str, torch_name: str) -> Exception:
             "temporary copy; make it contiguous first (param.data = param.data.contiguous(), before the optimizer "
             "is created or its state loaded)"
         )
+    if t.is_neg():
+        return ValueError(f"{desc} is a negative view (torch._neg_view): call .resolve_neg() first")
     return ValueError(f"{desc} cannot be updated in place by fastadam")
 
 
@@ -111,36 +128,174 @@ def _ok(t: object) -> bool:
         and t.layout == torch.strided
         and t.dtype in _FLOATS
         and t.is_contiguous()
+        and not t.is_neg()
     )
 
 
-def _bump_versions(tensors: list[torch.Tensor]) -> None:
-    # What torch's in-place ops do: autograd then notices a parameter that a retained graph
-    # saved for backward was modified, instead of silently using the new values.
-    bump: Callable[[Any], None] | None = getattr(torch.autograd.graph, "increment_version", None)
-    if bump is None:  # torch < 2.1
-        return
-    try:
-        bump(tensors)
-    except TypeError:  # a torch whose increment_version takes one tensor
-        for t in tensors:
-            bump(t)
+def _grad_error(step_name: str, torch_name: str, p: torch.Tensor, label: str, grad: object) -> Exception:
+    what = f"{step_name}: the gradient of {label}"
+    if _ok(grad):
+        assert isinstance(grad, torch.Tensor)
+        if grad.dtype != p.dtype:
+            return TypeError(f"{what} has dtype {grad.dtype}, the parameter {p.dtype}: they must match")
+        if grad.shape != p.shape:
+            return ValueError(f"{what} has shape {tuple(grad.shape)}, the parameter {tuple(p.shape)}: they must match")
+    return _tensor_error(grad, what, torch_name)
+
+
+# ----- state that tells the optimizer when it changes ------------------------------------
+# The plan holds pointers into the state tensors, so setting or removing an entry of
+# ``state`` must rebuild it; a counter shared by the optimizer and its state dicts says so
+# for the price of one comparison per step (docs/design.md, "torch adapter").
+
+
+class _Entry(dict):  # type: ignore[type-arg]
+    """``state[p]``: a dict that counts its changes in the optimizer's epoch."""
+
+    __slots__ = ("_epoch",)
+
+    def __init__(self, epoch: list[int], *args: Any) -> None:
+        super().__init__(*args)
+        self._epoch = epoch
+
+    def _touch(self) -> None:
+        epoch = getattr(self, "_epoch", None)  # not set yet while unpickling
+        if epoch is not None:
+            epoch[0] += 1
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._touch()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._touch()
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self._touch()
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._touch()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._touch()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._touch()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._touch()
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> _Entry:
+        self._touch()
+        super().update(other)
+        return self
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))  # pickles and copies as a plain dict
+
+
+class _State(defaultdict):  # type: ignore[type-arg]
+    """``optimizer.state``: torch's defaultdict(dict), whose entries are :class:`_Entry`."""
+
+    def __init__(self, epoch: list[int], items: Iterable[tuple[Any, Any]] = ()) -> None:
+        super().__init__(None)
+        self._epoch = epoch
+        for key, value in items:
+            self[key] = value
+
+    def __missing__(self, key: Any) -> _Entry:
+        entry = _Entry(self._epoch)
+        self[key] = entry
+        return entry
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._epoch[0] += 1
+        if isinstance(value, dict) and not (isinstance(value, _Entry) and value._epoch is self._epoch):
+            value = _Entry(self._epoch, value)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._epoch[0] += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self._epoch[0] += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._epoch[0] += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._epoch[0] += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = {} if default is None else default
+        return self[key]
+
+    def __reduce__(self) -> Any:
+        return (_plain_state, (list(self.items()),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        import copy
+
+        return _plain_state(copy.deepcopy(list(self.items()), memo))
+
+
+def _plain_state(items: list[tuple[Any, Any]]) -> defaultdict[Any, Any]:
+    return defaultdict(dict, ((k, dict(v) if isinstance(v, dict) else v) for k, v in items))
+
+
+class _TorchPlanApi:
+    """What the native plan needs from torch in a torch-mode step (see cpp/bindings/step_plan.hpp)."""
+
+    __slots__ = ("tensors", "steps", "Tensor", "strided", "grad_error", "bump_versions")
+
+    def __init__(self, tensors: list[torch.Tensor], steps: list[np.ndarray | None] | None,
+                 grad_error: Callable[[int, object], BaseException]) -> None:
+        self.tensors = tensors
+        self.steps = steps
+        self.Tensor = torch.Tensor
+        self.strided = torch.strided
+        self.grad_error = grad_error
+        self.bump_versions = _increment_version
 
 
 class _NativeOptimizer(torch.optim.Optimizer):
-    """Machinery common to the adapters: tensor and flag checks, state loading, error legends."""
+    """Machinery common to the adapters: the kept plan, its rebuilds, flags, state loading."""
 
+    _algorithm: ClassVar[Algorithm]
     _torch_name: ClassVar[str] = ""
-    _hyper_keys: ClassVar[tuple[str, ...]] = ()
-    # torch.optim's implementation switches: fastadam has one implementation (the native CPU
-    # kernel), so only the values that select nothing are accepted.
+    # torch.optim's implementation switches. fastadam has one implementation, always fused and
+    # multi-tensor: foreach/fused are accepted and change nothing; the others must stay off.
     _impl_flags: ClassVar[dict[str, bool | None]] = {}
+    _refused_flags: ClassVar[tuple[str, ...]] = ("capturable", "differentiable")
     _flag_defaults: ClassVar[dict[str, bool]] = {}
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
-        for key in self._impl_flags:
-            self._check_flag(key, defaults[key], f"{type(self).__name__}()")
+        for key in self._refused_flags:
+            if key in defaults:
+                self._check_flag(key, defaults[key], f"{type(self).__name__}()")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's own error
+        self._plan: Any = None
+        self._plan_epoch = -1
+        self._epoch = [0]
+        self._guard = StepGuard(self._step_name)
         super().__init__(params, defaults)
+        self.state = _State(self._epoch, self.state.items())
 
     @property
     def _step_name(self) -> str:
@@ -153,9 +308,6 @@ class _NativeOptimizer(torch.optim.Optimizer):
                 f"fastadam.torch.{where}: {key}={value!r} is not supported: fastadam.torch has one implementation, "
                 f"the native CPU kernel (leave {key} at its default, or use torch.optim.{self._torch_name})"
             )
-
-    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
-        raise NotImplementedError
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -176,13 +328,11 @@ class _NativeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        per_group, where = self._grads()
-        if where:
-            self._native_step(per_group, where)
+        with self._guard:
+            plan = self._plan
+            if plan is None or self._plan_epoch != self._epoch[0] or not plan.torch_step(self.param_groups):
+                self._rebuild_and_step()
         return loss
-
-    def _native_step(self, per_group: list[list[tuple[int, torch.Tensor, torch.Tensor]]], where: list[tuple[int, int]]) -> None:
-        raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, as ``torch.optim.Optimizer.add_param_group``; its tensors and
@@ -195,52 +345,164 @@ class _NativeOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 if not _ok(p):
                     raise _tensor_error(p, f"fastadam.torch.{name}: param_groups[{g}]['params'][{i}]", self._torch_name)
-            for key in self._impl_flags:
-                self._check_flag(key, group[key], f"{name}: param_groups[{g}]")
-            self._check_group(group, f"fastadam.torch.{name}: param_groups[{g}]")
+            self._check_group(group, f"fastadam.torch.{name}: param_groups[{g}]", f"{name}: param_groups[{g}]")
         except BaseException:
             self.param_groups.pop()
             raise
+        self._plan = None
 
-    def _hypers(self) -> list[tuple[Any, ...]]:
-        return [tuple(group[k] for k in self._hyper_keys) for group in self.param_groups]
+    def _check_group(self, group: Mapping[str, Any], where: str, flag_where: str) -> None:
+        for key in self._refused_flags:
+            if key in group:
+                self._check_flag(key, group[key], flag_where)
+        check_group(self._algorithm, group, where)
 
-    def _grads(self) -> tuple[list[list[tuple[int, torch.Tensor, torch.Tensor]]], list[tuple[int, int]]]:
-        """Per group, (index, param, grad) of the params with a gradient, all checked; and each
-        one's (group, index) in the flat order handed to the kernel."""
-        per_group: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []
-        where: list[tuple[int, int]] = []
+    # ----- the plan ----------------------------------------------------------------------
+
+    def _rebuild_and_step(self) -> None:
+        """The slow path: create missing state, rebuild the plan from every group, and step."""
+        self._plan = None
+        algorithm = self._algorithm
         name = self._step_name
-        cls = type(self).__name__
-        for g, group in enumerate(self.param_groups):
-            for key in self._impl_flags:
-                self._check_flag(key, group.get(key), f"{cls}.step(): param_groups[{g}]")
-            entries = []
-            for i, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if not _ok(p):
-                    raise _tensor_error(p, f"{name}: param_groups[{g}]['params'][{i}]", self._torch_name)
-                if not _ok(grad) or grad.dtype != p.dtype:
-                    what = f"{name}: the gradient of param_groups[{g}]['params'][{i}]"
-                    if _ok(grad):
-                        raise TypeError(f"{what} has dtype {grad.dtype}, the parameter {p.dtype}: they must match")
-                    raise _tensor_error(grad, what, self._torch_name)
-                entries.append((i, p, grad))
-                where.append((g, i))
-            per_group.append(entries)
-        return per_group, where
+        created = Rollback()
+        try:
+            missing = self._check_and_find_missing_state()
+            fresh_buffers = self._create_state(missing, created)
+            tensors: list[torch.Tensor] = []
+            labels: list[str] = []
+            params: list[np.ndarray] = []
+            states: list[list[np.ndarray | None]] = [[] for _ in algorithm.state_keys]
+            steps: list[np.ndarray | None] | None = [] if algorithm.counts_steps else None
+            for g, group in enumerate(self.param_groups):
+                for i, p in enumerate(group["params"]):
+                    label = f"param_groups[{g}]['params'][{i}]"
+                    entry = self.state.get(p)
+                    tensors.append(p)
+                    labels.append(label)
+                    params.append(p.detach().numpy())
+                    for k, key in enumerate(algorithm.state_keys):
+                        value = entry.get(key) if entry else None
+                        states[k].append(None if value is None else self._state_array(value, key, label))
+                    if steps is not None:
+                        steps.append(self._step_array(entry, label))
 
-    def _explained(self, error: Exception, where: list[tuple[int, int]]) -> Exception:
-        """``error`` from the kernel with its flat tensor indices translated to param groups."""
-        indices = sorted({int(m.group(1)) for m in _INDEXED.finditer(str(error))})
-        legend = [f"[{k}] is param_groups[{where[k][0]}]['params'][{where[k][1]}]" for k in indices if k < len(where)]
-        if not legend:
-            return error
-        return type(error)(f"{error} (in this step's tensor lists, {', '.join(legend)})")
+            def grad_error(k: int, grad: object) -> BaseException:
+                return _grad_error(name, self_torch_name, tensors[k], labels[k], grad)
+
+            self_torch_name = self._torch_name  # the plan must not reference the optimizer (a cycle GC cannot see)
+            plan = _core._StepPlan(
+                algorithm.kind, name, params, states, [len(g["params"]) for g in self.param_groups], labels,
+                _TorchPlanApi(tensors, steps, grad_error),
+            )
+            self._plan_epoch = self._epoch[0]
+            if fresh_buffers:
+                self._first_sgd_step(plan, tensors, labels, fresh_buffers)
+            elif not plan.torch_step(self.param_groups):
+                raise RuntimeError(f"{name}: internal error: a plan built for this step found it stale")
+            self._plan = plan
+        except BaseException:
+            created.run()  # a rejected step leaves no trace, not even fresh state
+            self._plan = None
+            raise
+
+    def _check_and_find_missing_state(self) -> list[tuple[torch.Tensor, tuple[str, ...]]]:
+        """Checks every param and the flags of every group; returns the params with a
+        gradient and the state keys each lacks."""
+        cls = type(self).__name__
+        missing = []
+        for g, group in enumerate(self.param_groups):
+            for key in self._refused_flags:
+                if key in group:
+                    self._check_flag(key, group[key], f"{cls}.step(): param_groups[{g}]")
+            needed = self._algorithm.needed_keys(group)
+            if self._algorithm.counts_steps:
+                needed = ("step",) + needed
+            for i, p in enumerate(group["params"]):
+                if not _ok(p):
+                    raise _tensor_error(p, f"{self._step_name}: param_groups[{g}]['params'][{i}]", self._torch_name)
+                if p.grad is None:
+                    continue
+                entry = self.state.get(p) or {}
+                lacking = tuple(key for key in needed if entry.get(key) is None)
+                if lacking:
+                    missing.append((p, lacking))
+        return missing
+
+    def _create_state(self, missing: list[tuple[torch.Tensor, tuple[str, ...]]], created: Rollback) -> list[torch.Tensor]:
+        """Zero state for ``missing``, each kind packed in one block (docs/performance.md);
+        returns the params that got a new momentum buffer (SGD)."""
+        fresh: list[torch.Tensor] = []
+        keys = ("step",) + self._algorithm.state_keys
+        for kind, key in enumerate(keys):
+            wanting = [p for p, lacking in missing if key in lacking]
+            if not wanting:
+                continue
+            if key == "step":
+                values = [torch.tensor(0.0, dtype=_scalar_dtype()) for _ in wanting]
+            else:
+                arrays = zeros_packed([(tuple(p.shape), p.detach().numpy().dtype) for p in wanting], state_stagger(kind - 1))
+                values = [torch.from_numpy(a) for a in arrays]
+            for p, value in zip(wanting, values):
+                had_entry = p in self.state
+                self.state[p][key] = value
+                created.add(lambda p=p, key=key, had_entry=had_entry: self._undo_create(p, key, had_entry))
+                if key == "momentum_buffer":
+                    fresh.append(p)
+        return fresh
+
+    def _undo_create(self, p: torch.Tensor, key: str, had_entry: bool) -> None:
+        entry = self.state.get(p)
+        if entry is not None:
+            entry.pop(key, None)
+            if not entry and not had_entry:
+                del self.state[p]
+
+    def _state_array(self, value: object, key: str, label: str) -> np.ndarray:
+        if not _ok(value):
+            raise _tensor_error(value, f"{self._step_name}: state[{key!r}] of {label}", self._torch_name)
+        assert isinstance(value, torch.Tensor)
+        return value.detach().numpy()
+
+    def _step_array(self, entry: Mapping[str, Any] | None, label: str) -> np.ndarray | None:
+        """A 0-d view of ``state[p]["step"]``, which the plan reads and counts on in place."""
+        step = entry.get("step") if entry else None
+        if step is None:
+            return None
+        if not torch.is_tensor(step):
+            assert isinstance(entry, dict)
+            entry["step"] = step = torch.tensor(float(step), dtype=_scalar_dtype())
+        if not (step.is_cpu and step.layout == torch.strided and step.numel() == 1 and step.dtype in _STEP_DTYPES):
+            raise TypeError(
+                f"{self._step_name}: state['step'] of {label} must be a one-element CPU tensor of float32, float64 "
+                f"or int64 (torch.optim's own), got {step.dtype} {tuple(step.shape)} on {step.device}"
+            )
+        return step.detach().numpy().reshape(())
+
+    def _first_sgd_step(self, plan: Any, tensors: list[torch.Tensor], labels: list[str], fresh: list[torch.Tensor]) -> None:
+        # A new momentum buffer becomes the gradient (torch: clone); the plan's counted step
+        # (count 0 = new) knows that, the torch-mode step does not.
+        grads: list[np.ndarray | None] = []
+        fresh_ids = {id(p) for p in fresh}
+        counts = np.ones(len(tensors), dtype=np.int64)
+        for k, p in enumerate(tensors):
+            grad = p.grad
+            if grad is not None and not (_ok(grad) and grad.dtype == p.dtype and grad.shape == p.shape):
+                raise _grad_error(self._step_name, self._torch_name, p, labels[k], grad)
+            grads.append(None if grad is None else grad.detach().numpy())
+            if id(p) in fresh_ids:
+                counts[k] = 0
+        plan.step(grads, counts, self.param_groups)
+        updated = tuple(p for p, g in zip(tensors, grads) if g is not None)
+        if _increment_version is not None and updated:
+            _increment_version(updated)
 
     # ----- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict()``, with plain dicts per parameter (tensors by reference, as torch)."""
+        out = super().state_dict()
+        out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from ``state_dict()``, from the matching ``torch.optim`` optimizer,
@@ -250,14 +512,18 @@ class _NativeOptimizer(torch.optim.Optimizer):
         they are, not copied: deep-copy the dict (``copy.deepcopy``, or ``torch.save`` /
         ``torch.load``) to give two optimizers independent state. torch.optim's
         implementation switches (``foreach``, ``fused``, ``capturable``, ``differentiable``)
-        are loaded as they are when None or False, and reset to their defaults otherwise:
-        the kernel is this optimizer's only implementation.
+        are loaded as they are when None or False, and reset to their defaults otherwise.
+        Entries of ``state`` that are not a parameter's are kept as they are, as torch does.
         """
         state = state_dict.get("state", {})
-        if any(isinstance(v, np.ndarray) for entry in state.values() for v in entry.values()):
+        if any(isinstance(v, np.ndarray) for entry in state.values() if isinstance(entry, Mapping) for v in entry.values()):
             state_dict = dict(state_dict)
             state_dict["state"] = {
-                k: {key: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v) for key, v in entry.items()}
+                k: (
+                    {key: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v) for key, v in entry.items()}
+                    if isinstance(entry, Mapping)
+                    else entry
+                )
                 for k, entry in state.items()
             }
         super().load_state_dict(state_dict)
@@ -266,14 +532,14 @@ class _NativeOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self._impl_flags.items():
-                if group.get(key, value) is not None and group.get(key, value) is not False:
-                    group[key] = value  # e.g. foreach=True from a torch optimizer's state dict
+                if key in self._refused_flags and group.get(key) not in (None, False):
+                    group[key] = value  # e.g. capturable=True from a torch optimizer's state dict
                 group.setdefault(key, value)
             for key, flag in self._flag_defaults.items():
                 group.setdefault(key, flag)
             for p in group["params"]:
                 entry = self.state.get(p)
-                if not entry:
+                if not isinstance(entry, dict) or not entry:
                     continue
                 if "step" in entry and not torch.is_tensor(entry["step"]):
                     entry["step"] = torch.tensor(float(entry["step"]), dtype=_scalar_dtype())
@@ -282,6 +548,27 @@ class _NativeOptimizer(torch.optim.Optimizer):
                     # buffer that is not gets a contiguous copy here, once.
                     if key != "step" and isinstance(value, torch.Tensor) and not value.is_contiguous():
                         entry[key] = value.contiguous()
+        self._epoch = [0]
+        self.state = _State(self._epoch, self.state.items())
+        self._plan = None
+        self._plan_epoch = -1
+        self._guard = StepGuard(self._step_name)
+
+
+def _check_torch_scalars(lr: object, betas: tuple[object, ...] | None) -> None:
+    """torch.optim's own checks of tensor hyper-parameters, with its messages."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if betas is None:
+        return
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    both_floats = all(isinstance(b, (float, int)) and not isinstance(b, bool) for b in betas)
+    if not (both_floats or all(isinstance(b, torch.Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor) and b.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
 class Adam(_NativeOptimizer):
@@ -305,17 +592,18 @@ class Adam(_NativeOptimizer):
             CPU, dense, contiguous, float32 or float64.
         lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as in
             ``torch.optim.Adam``.
-        foreach, capturable, differentiable, fused: accepted for signature compatibility
-            with ``torch.optim.Adam``, only at their defaults (None/False); anything else
-            raises ValueError.
+        foreach, fused: accepted and ignored: fastadam's step is always fused and
+            multi-tensor (code written for ``torch.optim.Adam(..., fused=True)`` runs as it is).
+        capturable, differentiable: only False (CUDA graphs and differentiating through the
+            step are torch's); True raises ValueError.
 
     ``step(closure=None)`` updates every parameter with a ``.grad`` in place, all in one
     kernel call, and returns the closure's loss. ``state[p]`` holds ``step`` (a scalar
     float tensor), ``exp_avg``, ``exp_avg_sq`` and with amsgrad ``max_exp_avg_sq``.
     """
 
+    _algorithm = ADAM
     _torch_name = "Adam"
-    _hyper_keys = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
     _impl_flags = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
     _flag_defaults = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}
 
@@ -335,6 +623,7 @@ class Adam(_NativeOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
+        _check_torch_scalars(lr, tuple(betas))
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -349,66 +638,6 @@ class Adam(_NativeOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(params, defaults)
-
-    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
-        _core._check_adam_group(tuple(group[k] for k in self._hyper_keys), where)
-
-    def _native_step(self, per_group: list[list[tuple[int, torch.Tensor, torch.Tensor]]], where: list[tuple[int, int]]) -> None:
-        params: list[_Array] = []
-        grads: list[_Array | None] = []
-        exp_avgs: list[_Array | None] = []
-        exp_avg_sqs: list[_Array | None] = []
-        max_exp_avg_sqs: list[_Array | None] = []
-        step_tensors: list[torch.Tensor] = []
-        updated: list[torch.Tensor] = []
-        steps = np.empty(len(where), dtype=np.int64)
-        created: list[tuple[torch.Tensor, str]] = []
-        try:
-            for g, (group, entries) in enumerate(zip(self.param_groups, per_group)):
-                amsgrad = bool(group["amsgrad"])
-                for i, p, grad in entries:
-                    state = self.state[p]
-                    if "step" not in state:
-                        state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-                        created.append((p, "step"))
-                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
-                        if state.get(key) is None:
-                            state[key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                            created.append((p, key))
-                    step_t = state["step"]
-                    step = float(step_t)
-                    if not (step >= 0 and step.is_integer()):
-                        raise ValueError(
-                            f"{self._step_name}: state['step'] of param_groups[{g}]['params'][{i}] must be a whole "
-                            f"number >= 0, got {step}"
-                        )
-                    steps[len(params)] = int(step)
-                    params.append(p.detach().numpy())
-                    grads.append(grad.detach().numpy())
-                    exp_avgs.append(state["exp_avg"].detach().numpy())
-                    exp_avg_sqs.append(state["exp_avg_sq"].detach().numpy())
-                    max_exp_avg_sqs.append(state["max_exp_avg_sq"].detach().numpy() if amsgrad else None)
-                    step_tensors.append(step_t)
-                    updated.append(p)
-            # One plan per step: it validates every array (params and state once, then the
-            # gradients) before the kernel writes anything, and the tensors behind the views
-            # may change between steps (param.data = ..., load_state_dict), so it is not kept.
-            plan = _core._StepPlan(
-                self._step_name, params, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [len(e) for e in per_group]
-            )
-            plan.adam_step(grads, steps, self._hypers())
-        except BaseException as error:
-            for p, key in created:  # a rejected step leaves no trace, not even fresh state
-                del self.state[p][key]
-                if not self.state[p]:
-                    del self.state[p]
-            if isinstance(error, (TypeError, ValueError)):
-                raise self._explained(error, where) from None
-            raise
-        # The kernel counted the steps of the tensors it updated (all of them) in `steps`;
-        # torch keeps each count in a float tensor, which `float(step)` read above.
-        torch._foreach_add_(step_tensors, 1.0)  # what torch.optim does; one call for all of them
-        _bump_versions(updated)
 
 
 class AdamW(Adam):
@@ -474,14 +703,15 @@ class SGD(_NativeOptimizer):
         params: tensors, ``(name, tensor)`` pairs or param-group dicts; CPU, dense,
             contiguous, float32 or float64.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as in ``torch.optim.SGD``.
-        foreach, differentiable, fused: accepted only at their defaults (None/False).
+        foreach, fused: accepted and ignored (the step is always fused and multi-tensor).
+        differentiable: only False.
 
     ``state[p]["momentum_buffer"]`` (a tensor) exists once a parameter has taken a step
     with momentum, as in torch.
     """
 
+    _algorithm = _SGD_ALGORITHM
     _torch_name = "SGD"
-    _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     _impl_flags = {"foreach": None, "differentiable": False, "fused": None}
     _flag_defaults = {"nesterov": False, "maximize": False}
 
@@ -499,6 +729,7 @@ class SGD(_NativeOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
+        _check_torch_scalars(lr, None)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -511,43 +742,3 @@ class SGD(_NativeOptimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
-
-    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
-        _core._check_sgd_group(tuple(group[k] for k in self._hyper_keys), where)
-
-    def _native_step(self, per_group: list[list[tuple[int, torch.Tensor, torch.Tensor]]], where: list[tuple[int, int]]) -> None:
-        params: list[_Array] = []
-        grads: list[_Array | None] = []
-        buffers: list[_Array | None] = []
-        updated: list[torch.Tensor] = []
-        # steps[i] == 0 tells the kernel that buffer i is new: it becomes the gradient
-        # (torch: clone), instead of momentum * buf + (1 - dampening) * g.
-        steps = np.ones(len(where), dtype=np.int64)
-        created: list[torch.Tensor] = []
-        try:
-            for group, entries in zip(self.param_groups, per_group):
-                momentum = group["momentum"] != 0
-                for _, p, grad in entries:
-                    if momentum:
-                        state = self.state[p]
-                        if state.get("momentum_buffer") is None:
-                            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                            created.append(p)
-                            steps[len(params)] = 0
-                        buffers.append(state["momentum_buffer"].detach().numpy())
-                    else:
-                        buffers.append(None)
-                    params.append(p.detach().numpy())
-                    grads.append(grad.detach().numpy())
-                    updated.append(p)
-            plan = _core._StepPlan(self._step_name, params, [buffers], [len(e) for e in per_group])
-            plan.sgd_step(grads, steps, self._hypers())
-        except BaseException as error:
-            for p in created:
-                del self.state[p]["momentum_buffer"]
-                if not self.state[p]:
-                    del self.state[p]
-            if isinstance(error, (TypeError, ValueError)):
-                raise self._explained(error, where) from None
-            raise
-        _bump_versions(updated)
