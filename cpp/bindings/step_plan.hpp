@@ -59,7 +59,7 @@ private:
         py::tuple tensors;  // the torch parameters in plan order, compared by identity each step
         py::object tensor_type, strided, grad_error, bump_versions, data_ptr;
         py::object step_arrays;  // keeps the 0-d views of state['step'] alive
-        struct Tensor {          // one cache line's worth per tensor: the hot loop reads nothing else
+        struct Tensor {
             PyObject* tensor = nullptr;   // borrowed from `tensors`
             std::uintptr_t param_ptr = 0;
             py::object grad;              // weak reference to the last validated gradient, or null
@@ -96,7 +96,8 @@ private:
     std::uintptr_t torch_grad(std::size_t i, PyObject* grad);
     [[noreturn]] void raise_grad_error(std::size_t i, PyObject* grad) const;
     std::int64_t torch_count(std::size_t i) const;
-    void torch_finish();
+    void torch_bump_versions();
+    void torch_count_steps();
 
     bool adam_;
     std::string fn_;

@@ -217,27 +217,21 @@ bool StepPlan::torch_step(py::handle groups) {
         stepped_[i] = static_cast<unsigned char>(r);
         if (r == 0) set_kept(entries_[i], nullptr, 0);
     }
-    // Everything is checked: write.
+    // Everything is checked. The version bump comes first, while the params' metadata
+    // is still in cache (the kernel's sweep evicts it); nothing can fail after it.
+    torch_bump_versions();
     launch();
-    torch_finish();
+    torch_count_steps();
     return true;
 }
 
-// After the kernel: each updated tensor's state['step'] + 1 in its own dtype (float32
-// addition for float32, as torch's _foreach_add_(steps, 1)), then one version bump.
-void StepPlan::torch_finish() {
+// Each updated param's version, as torch's in-place ops bump it (autograd then refuses a
+// retained graph that saved the old values); one call for all.
+void StepPlan::torch_bump_versions() {
     Torch& t = *torch_;
     const std::size_t n = entries_.size();
     std::size_t count = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-        if (!stepped_[i]) continue;
-        ++count;
-        char* d = t.t[i].step;
-        if (d == nullptr) continue;
-        if (t.t[i].step_type == 'f') *reinterpret_cast<float*>(d) += 1.0f;
-        else if (t.t[i].step_type == 'd') *reinterpret_cast<double*>(d) += 1.0;
-        else *reinterpret_cast<std::int64_t*>(d) += 1;
-    }
+    for (std::size_t i = 0; i < n; ++i) count += stepped_[i];
     if (t.bump_versions.is_none() || count == 0) return;
     py::tuple updated = t.tensors;
     if (count != n) {
@@ -247,6 +241,19 @@ void StepPlan::torch_finish() {
     }
     py::object r = py::reinterpret_steal<py::object>(PyObject_CallOneArg(t.bump_versions.ptr(), updated.ptr()));
     if (!r) throw py::error_already_set();
+}
+
+// After the kernel: each updated tensor's state['step'] + 1 in its own dtype (float32
+// addition for float32, as torch's _foreach_add_(steps, 1)).
+void StepPlan::torch_count_steps() {
+    Torch& t = *torch_;
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+        char* d = t.t[i].step;
+        if (!stepped_[i] || d == nullptr) continue;
+        if (t.t[i].step_type == 'f') *reinterpret_cast<float*>(d) += 1.0f;
+        else if (t.t[i].step_type == 'd') *reinterpret_cast<double*>(d) += 1.0;
+        else *reinterpret_cast<std::int64_t*>(d) += 1;
+    }
 }
 
 }  // namespace fastadam::bindings
