@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,7 +25,7 @@ class Algorithm:
     """An update rule as the native plan knows it: ``kind`` selects the kernel and the
     hyper-parameter table; ``state_keys`` are the per-parameter buffers, in the plan's order."""
 
-    kind: str
+    kind: Literal["adam", "sgd"]
     state_keys: tuple[str, ...]
     counts_steps: bool  # torch keeps state["step"] for Adam, not for SGD
     needed: Callable[[Mapping[str, Any]], int]  # how many of state_keys a group uses

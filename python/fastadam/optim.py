@@ -7,6 +7,7 @@ releases the GIL once and updates all tensors in one parallel region.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -190,12 +191,12 @@ class Optimizer:
         for kind, (key, indices) in enumerate(missing.items()):
             for i, array in zip(indices, self._zeros_state(kind, indices)):
                 self._buffers[key][i] = array
-                created.add(lambda key=key, i=i: self._buffers[key].__setitem__(i, None))
+                created.add(functools.partial(self._buffers[key].__setitem__, i, None))
                 if not self._algorithm.counts_steps:
                     # SGD: count 0 tells the kernel the buffer is new (it becomes the gradient, as torch's clone)
                     old = int(self._steps[i])
                     self._steps[i] = 0
-                    created.add(lambda i=i, old=old: self._steps.__setitem__(i, old))
+                    created.add(functools.partial(self._steps.__setitem__, i, old))
         self._complete_for = needs if complete else None
         if created:
             self._plan = None

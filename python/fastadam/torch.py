@@ -50,6 +50,7 @@ which is rebuilt when parameters, groups or state change (``param.data = ...``,
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, overload
@@ -191,7 +192,7 @@ class _Entry(dict):  # type: ignore[type-arg]
         self._touch()
         return super().setdefault(key, default)
 
-    def __ior__(self, other: Any) -> _Entry:
+    def __ior__(self, other: Any) -> _Entry:  # type: ignore[misc]  # dict's |= takes more than its |
         self._touch()
         super().update(other)
         return self
@@ -445,7 +446,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
             for p, value in zip(wanting, values):
                 had_entry = p in self.state
                 self.state[p][key] = value
-                created.add(lambda p=p, key=key, had_entry=had_entry: self._undo_create(p, key, had_entry))
+                created.add(functools.partial(self._undo_create, p, key, had_entry))
                 if key == "momentum_buffer":
                     fresh.append(p)
         return fresh
