@@ -377,6 +377,86 @@ def test_closure_skipped_params_and_zero_grad(torch, ft):
     assert float(opt.state[a]["step"]) == 2
 
 
+def test_step_hooks_run_once_and_can_replace_the_arguments(torch, ft):
+    # fastadam.torch's step() runs torch.optim's hook wrapper itself, only when needed.
+    import torch.optim.optimizer as torch_optimizer
+
+    a = torch.nn.Parameter(torch.ones(3))
+    a.grad = torch.ones(3)
+    opt = ft.Adam([a], lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append("closure")
+        return 7.0
+
+    def pre(o, args, kwargs):
+        calls.append(("pre", o is opt, args, dict(kwargs)))
+        return (o, closure), {}  # torch.optim lets a pre-hook replace step()'s arguments
+
+    handles = [
+        opt.register_step_pre_hook(pre),
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post")),
+        torch_optimizer.register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append("global pre")),
+        torch_optimizer.register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global post")),
+    ]
+    try:
+        assert opt.step() == 7.0
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global pre", ("pre", True, (opt,), {}), "closure", "post", "global post"]
+    assert float(opt.state[a]["step"]) == 1
+    calls.clear()
+    opt.step()  # hooks removed: none runs
+    assert calls == [] and float(opt.state[a]["step"]) == 2
+
+    class Mine(ft.Adam):  # a subclass's own step(): torch.optim wraps it, the hooks run once
+        def step(self, closure=None):
+            calls.append("mine")
+            return super().step(closure)
+
+    b = torch.nn.Parameter(torch.ones(3))
+    b.grad = torch.ones(3)
+    mine = Mine([b], lr=0.1)
+    mine.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    mine.step()
+    assert calls == ["mine", "post"] and float(mine.state[b]["step"]) == 1
+
+
+def test_step_is_recorded_by_the_profiler(torch, ft):
+    a = torch.nn.Parameter(torch.ones(3))
+    a.grad = torch.ones(3)
+    opt = ft.AdamW([a], lr=0.1)
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert "Optimizer.step#AdamW.step" in {e.name for e in prof.events()}
+    assert float(opt.state[a]["step"]) == 1
+
+
+def test_grad_scaler_steps_and_skips_as_with_torch(torch, ft):
+    # torch.amp.GradScaler on the CPU: unscale, skip the step on inf, as with torch.optim.Adam.
+    results = []
+    for cls in (torch.optim.Adam, ft.Adam):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2).double()
+        opt = cls(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        for t in range(6):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean() * (float("inf") if t == 3 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale(),
+                         float(opt.state[model.weight]["step"])))
+    (torch_params, torch_scale, torch_steps), (fast_params, fast_scale, fast_steps) = results
+    assert fast_steps == torch_steps == 5 and fast_scale == torch_scale
+    for f, r in zip(fast_params, torch_params):
+        assert torch.allclose(f, r, rtol=1e-12, atol=0), (f, r)
+
+
 def test_lr_scheduler_and_group_changes_take_effect(torch, ft):
     task = Task(torch, "float64")
     fast_model, fast, ref_model, ref = make_pair(torch, ft, task, "adam")

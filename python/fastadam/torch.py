@@ -51,6 +51,7 @@ which is rebuilt when parameters, groups or state change (``param.data = ...``,
 from __future__ import annotations
 
 import functools
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, overload
@@ -78,6 +79,13 @@ _STEP_DTYPES = (torch.float32, torch.float64, torch.int64)
 # torch._C._increment_version(tensors): what torch's in-place ops do to a tensor's version,
 # so autograd notices a parameter that a retained graph saved was modified by the step.
 _increment_version: Callable[[Any], None] | None = getattr(torch._C, "_increment_version", None)
+# What torch.optim's step wrapper serves (step() below): a profiler on, global step hooks.
+# Where a torch lacks these private names, the wrapper runs at every step.
+_profiler_enabled: Callable[[], bool] = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+_global_step_hooks: tuple[Mapping[Any, Any], Mapping[Any, Any]] = (
+    getattr(sys.modules["torch.optim.optimizer"], "_global_optimizer_pre_hooks", {None: None}),
+    getattr(sys.modules["torch.optim.optimizer"], "_global_optimizer_post_hooks", {None: None}),
+)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -325,6 +333,20 @@ class _NativeOptimizer(torch.optim.Optimizer):
         Returns the closure's loss (None without a closure). All tensors are checked before
         any is written: a TypeError/ValueError leaves parameters and state untouched.
         """
+        # torch.optim wraps step() for its step hooks and the profiler's record (several us
+        # per call); this step runs that wrapper only while a hook or a profiler needs it.
+        if type(self).step is _NativeOptimizer.step and (
+            _profiler_enabled() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+            or _global_step_hooks[0] or _global_step_hooks[1]
+        ):
+            return _step_with_hooks(self) if closure is None else _step_with_hooks(self, closure)  # hooks see torch's args
+        return self._step_unhooked(closure)
+
+    # step() is not wrapped by torch.optim (it runs the wrapper itself when needed); a
+    # subclass's own step() is, and calls this one through super(), which then runs no hooks.
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _step_unhooked(self, closure: Callable[[], float] | None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -570,6 +592,15 @@ def _check_torch_scalars(lr: object, betas: tuple[object, ...] | None) -> None:
     for i, b in enumerate(betas):
         if isinstance(b, torch.Tensor) and b.numel() != 1:
             raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+
+def _step_through_hooks(self: _NativeOptimizer, closure: Callable[[], float] | None = None) -> float | None:
+    return self._step_unhooked(closure)
+
+
+# torch's own wrapper: pre-hooks (which may replace the arguments), post-hooks, the record.
+_step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step_through_hooks)
 
 
 class Adam(_NativeOptimizer):
