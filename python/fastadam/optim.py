@@ -109,6 +109,9 @@ class Optimizer:
 
     def _grad_list(self, grads: Grads) -> Sequence[np.ndarray | None]:
         n = len(self._params)
+        # The common call first (a list of arrays): the ABC checks below cost about 0.5 us.
+        if type(grads) is list and len(grads) == n and n and type(grads[0]) is np.ndarray:
+            return grads
         if isinstance(grads, Mapping):
             if None in self._names:
                 raise TypeError(
