@@ -112,7 +112,7 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
 // bounds the step in cache (it also does the division), the FMA units carry most of
 // the rest, so moving a share of the square roots balances the two. On this
 // project's Zen 4 machine 2:1 was fastest of the splits measured with the pipelined
-// loop below (README). Groups of more than three vectors carry more halves from one
+// loop below, and on Zen 5 fastest or level (docs/performance.md, the split A/B). Groups of more than three vectors carry more halves from one
 // group to the next than the 32 vector registers hold beside the constants, and spill,
 // on any AVX-512 CPU. Both are build-time settings (-DFASTADAM_FMA_VECTORS=2 ...).
 #ifndef FASTADAM_DIVIDER_VECTORS
