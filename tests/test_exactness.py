@@ -21,6 +21,8 @@ ADAM_VARIANTS = {
     "maximize": {"maximize": True},
     "amsgrad-l2-maximize": {"amsgrad": True, "weight_decay": 0.05, "maximize": True},
     "adamw-amsgrad": {"amsgrad": True, "weight_decay": 0.3, "decoupled_weight_decay": True},
+    "beta1-below-half": {"betas": (0.3, 0.999)},
+    "beta1-zero": {"betas": (0.0, 0.99), "weight_decay": 0.1},
 }
 # Tails of every vector width, and sizes past the one-thread threshold (200003).
 SIZES = [1, 15, 17, 63, 4099, 200003]

@@ -1,6 +1,8 @@
 """The optimizer classes: structure, groups, state, state_dict, and equivalence with the functional API."""
 
 import copy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -471,3 +473,66 @@ def test_state_buffers_are_line_aligned_and_at_different_page_offsets():
     want = reference_adam(start, [g, g], lr=0.01, amsgrad=True)
     for a, b, c in zip(params, resumed, want):
         assert same_bits(a, c) and same_bits(b, c)
+
+
+def _strict_cases(dtype_complex):
+    # (what changes in a good state dict, the exception): each as strict as torch.optim's step
+    return {
+        "no exp_avg_sq": (lambda e, g: e.pop("exp_avg_sq"), ValueError),
+        "amsgrad without max_exp_avg_sq": (lambda e, g: g.update(amsgrad=True), ValueError),
+        "step a string": (lambda e, g: e.update(step="5"), TypeError),
+        "step a bool": (lambda e, g: e.update(step=True), TypeError),
+        "step negative": (lambda e, g: e.update(step=-1.0), ValueError),
+        "complex exp_avg": (lambda e, g: e.update(exp_avg=e["exp_avg"].astype(dtype_complex)), TypeError),
+        "buffers but no step": (lambda e, g: e.pop("step"), ValueError),
+    }
+
+
+@pytest.mark.parametrize("case", list(_strict_cases(np.complex64)))
+def test_load_state_dict_is_strict_and_changes_nothing(case):
+    change, error = _strict_cases(np.complex64)[case]
+    p = np.ones(4, np.float32)
+    opt = fastadam.Adam([p], lr=0.1)
+    opt.step([np.ones(4, np.float32)])
+    sd = opt.state_dict()
+    change(sd["state"][0], sd["param_groups"][0])
+    before = (p.copy(), {k: np.copy(v) for k, v in opt.state[0].items()}, dict(opt.param_groups[0]))
+    with pytest.raises(error, match="parameter 0"):
+        opt.load_state_dict(sd)
+    assert np.array_equal(p, before[0]) and opt.param_groups[0] == before[2]
+    assert {k: np.copy(v) for k, v in opt.state[0].items()}.keys() == before[1].keys()
+    for k, v in opt.state[0].items():
+        assert np.array_equal(v, before[1][k])
+    opt.step([np.ones(4, np.float32)])  # still steps from where it was
+    assert int(opt.state[0]["step"]) == 2
+
+
+def test_load_state_dict_takes_torchs_sgd_momentum_buffer_none():
+    # torch.optim.SGD without momentum saves {"momentum_buffer": None}; it is no buffer.
+    p = np.ones((), np.float32)  # 0-d: np.asarray(None, float32) would have been a NaN of its shape
+    opt = fastadam.SGD([p], lr=0.1)
+    opt.load_state_dict({"state": {0: {"momentum_buffer": None}}, "param_groups": [dict(opt.state_dict()["param_groups"][0])]})
+    opt.step([np.ones((), np.float32)])
+    assert p == np.float32(0.9)
+
+
+def test_a_param_shrunk_in_place_is_refused_not_written():
+    # ndarray.resize(refcheck=False) can shrink a param at the same address; writing its old
+    # size would corrupt the heap, so this runs in a child process.
+    code = """
+import numpy as np, fastadam
+p = np.ones(100_000, np.float32)
+opt = fastadam.Adam([p], lr=0.1)
+opt.step([np.ones(100_000, np.float32)])
+address = p.ctypes.data
+p.resize(1000, refcheck=False)
+try:
+    opt.step([np.ones(100_000, np.float32)])
+except ValueError as e:
+    assert "resized" in str(e), e
+    print("refused", p.ctypes.data == address)
+else:
+    print("written")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("refused"), (out.returncode, out.stdout, out.stderr[-2000:])

@@ -840,3 +840,29 @@ def test_two_threads_stepping_one_optimizer_are_refused(torch, ft):
         t.join()
     assert all("another thread is running a step" in e for e in errors)
     assert float(opt.state[p]["step"]) == steps[0]  # every step that ran was counted, no other
+
+
+@pytest.mark.parametrize("case", ["no exp_avg_sq", "amsgrad without max_exp_avg_sq", "step a string", "step a bool", "complex exp_avg"])
+def test_load_state_dict_is_strict_and_changes_nothing(torch, ft, case):
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = ft.Adam([p], lr=0.1)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    entry, group = sd["state"][0], sd["param_groups"][0]
+    change = {
+        "no exp_avg_sq": lambda: entry.pop("exp_avg_sq"),
+        "amsgrad without max_exp_avg_sq": lambda: group.update(amsgrad=True),
+        "step a string": lambda: entry.update(step="5"),
+        "step a bool": lambda: entry.update(step=True),
+        "complex exp_avg": lambda: entry.update(exp_avg=entry["exp_avg"].to(torch.complex64)),
+    }[case]
+    change()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises((TypeError, ValueError), match=r"state\[0\]"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["amsgrad"] is False and opt.state[p].keys() == before.keys()
+    for k, v in opt.state[p].items():
+        assert torch.equal(v, before[k])
+    opt.step()
+    assert float(opt.state[p]["step"]) == 2

@@ -16,6 +16,7 @@
 #include "fastadam/fastadam.hpp"
 #include "functional.hpp"
 #include "hyper.hpp"
+#include "step_guard.hpp"
 #include "step_plan.hpp"
 #define FASTADAM_CAPI_NO_IMPORT  // this module exports the table; it does not import it
 #include "fastadam/capi.hpp"
@@ -47,7 +48,12 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
              py::arg("fn"), py::arg("params"), py::arg("states"), py::arg("group_sizes"), py::arg("labels") = py::none(),
              py::arg("torch") = py::none())
         .def("step", &fb::StepPlan::step, py::arg("grads"), py::arg("steps"), py::arg("groups"))
-        .def("torch_step", &fb::StepPlan::torch_step, py::arg("groups"));
+        .def("torch_step", &fb::StepPlan::torch_step, py::arg("groups"))
+        .def_property_readonly("completed", &fb::StepPlan::completed);
+    py::class_<fb::StepGuard>(m, "_StepGuard")
+        .def(py::init<std::string>(), py::arg("name"))
+        .def("__enter__", &fb::StepGuard::enter)
+        .def("__exit__", &fb::StepGuard::exit);
     m.def("_check_params", &fb::check_params, py::arg("params"), py::arg("fn"));
     m.def("_check_group", &fb::check_group, py::arg("kind"), py::arg("group"), py::arg("where"));
     m.def("_hyper_names", &fb::hyper_names, py::arg("kind"));

@@ -145,8 +145,12 @@ bool StepPlan::plain_grad(PyObject* g, const Entry& e) const {
 const char* StepPlan::numpy_grad(std::size_t i, py::handle g) {
     Entry& e = entries_[i];
     PyObject* p = e.param.obj;  // kept alive by params_
-    if (py::detail::array_proxy(p)->data != e.param.data)  // resized with refcheck=False
-        throw_value(name(kParam, i).str() + " was reallocated since the optimizer was built; its state no longer matches it");
+    const auto* pa = py::detail::array_proxy(p);
+    bool same_shape = pa->nd == e.ndim;  // resize(refcheck=False) may shrink it in place, at the same address
+    for (int d = 0; same_shape && d < e.ndim; ++d) same_shape = pa->dimensions[d] == shapes_[e.shape_begin + d];
+    if (pa->data != e.param.data || !same_shape)  // resized with refcheck=False
+        throw_value(name(kParam, i).str() + " was resized or reallocated since the optimizer was built; its state no longer "
+                    "matches it (build a new optimizer for the new array)");
     if (!(py::detail::array_proxy(p)->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_))
         throw_value(name(kParam, i).str() + " is read-only; fastadam writes it in place: pass a writeable array");
     const char* data;
@@ -192,6 +196,7 @@ void StepPlan::step(py::handle grads, py::handle steps, py::handle groups) {
     }
     launch();
     for (std::size_t i = 0; i < n; ++i) counts[i] += stepped_[i];
+    ++completed_;
 }
 
 }  // namespace fastadam::bindings

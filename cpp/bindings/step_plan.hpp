@@ -40,6 +40,9 @@ public:
     void step(py::handle grads, py::handle steps, py::handle groups);
     // torch mode: false, having written nothing, when the plan is stale; true after a step.
     bool torch_step(py::handle groups);
+    // Steps this plan has applied, counted with the step itself: after a KeyboardInterrupt
+    // the optimizer keeps state created for a step that happened, and removes it otherwise.
+    std::uint64_t completed() const { return completed_; }
 
 private:
     struct Entry {
@@ -116,6 +119,7 @@ private:
     Descriptors<Adam> adam_kept_;
     Descriptors<Sgd> sgd_kept_;
     std::unique_ptr<Torch> torch_;
+    std::uint64_t completed_ = 0;
 };
 
 }  // namespace fastadam::bindings

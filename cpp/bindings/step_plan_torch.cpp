@@ -222,6 +222,7 @@ bool StepPlan::torch_step(py::handle groups) {
     torch_bump_versions();
     launch();
     torch_count_steps();
+    ++completed_;
     return true;
 }
 

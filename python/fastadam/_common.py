@@ -8,7 +8,9 @@ created by a step that did not happen. See docs/design.md, "Optimizer core".
 
 from __future__ import annotations
 
-import threading
+import collections
+import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +19,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["ADAM", "SGD", "Algorithm", "StepGuard", "Rollback", "check_group", "zeros_packed", "state_stagger"]
+__all__ = ["ADAM", "SGD", "Algorithm", "StepGuard", "Rollback", "check_group", "check_loaded_entry", "zeros_packed", "state_stagger"]
 
 
 @dataclass(frozen=True)
@@ -43,43 +45,47 @@ def check_group(algorithm: Algorithm, group: Mapping[str, Any], where: str) -> N
     _core._check_group(algorithm.kind, group, where)
 
 
-class StepGuard:
-    """Refuses a second thread's step while one runs: a step writes params and state in
-    place, partly without the GIL, and rebuilds the plan it runs."""
-
-    __slots__ = ("_lock", "_name")
-
-    def __init__(self, name: str) -> None:
-        self._lock = threading.Lock()
-        self._name = name
-
-    def __enter__(self) -> None:
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError(f"{self._name}: another thread is running a step of this optimizer")
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+# One step of an optimizer at a time: a second thread's step raises RuntimeError (a step
+# writes params and state in place, partly without the GIL, and rebuilds the plan it
+# runs). In C++ so that a KeyboardInterrupt cannot leave it taken (step_guard.hpp).
+StepGuard = _core._StepGuard
 
 
 class Rollback:
     """Undo actions for what a step created before it knew the step would happen (fresh
-    state): run in reverse, whatever was raised, so a rejected step leaves no trace."""
+    state), so that a rejected step leaves no trace.
 
-    __slots__ = ("_undo",)
+    Each undo is a ``functools.partial`` of a builtin method (``dict.pop``, ``list.__setitem__``),
+    idempotent and independent of the others, registered before the change it undoes.
+    ``run()`` runs them all; a KeyboardInterrupt raised among them (a torch tensor's
+    ``__hash__`` is Python code) restarts the run, and is raised once everything is undone.
+    """
+
+    __slots__ = ("_undo", "_run_all")
 
     def __init__(self) -> None:
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], object]] = []
+        # One C-level call: no bytecode of this module runs between two undos.
+        self._run_all: Callable[[], object] = functools.partial(
+            collections.deque, map(operator.methodcaller("__call__"), self._undo), 0
+        )
 
-    def add(self, undo: Callable[[], None]) -> None:
+    def add(self, undo: Callable[[], object]) -> None:
         self._undo.append(undo)
 
     def __bool__(self) -> bool:
         return bool(self._undo)
 
     def run(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
+        interrupt: BaseException | None = None
+        for _ in range(1000):
+            try:
+                self._run_all()
+                break
+            except KeyboardInterrupt as error:
+                interrupt = error
+        if interrupt is not None:
+            raise interrupt
 
 
 # The optimizers place their own state buffers (docs/performance.md, "4K aliasing"): all
@@ -111,3 +117,46 @@ def zeros_packed(likes: Sequence[tuple[tuple[int, ...], np.dtype[Any]]], stagger
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         out.append(raw[base + offset : base + offset + nbytes].view(dtype).reshape(shape))
     return out
+
+
+def check_loaded_entry(algorithm: Algorithm, entry: Mapping[str, Any], group: Mapping[str, Any], where: str) -> None:
+    """ValueError/TypeError (starting with ``where``) unless a loaded per-parameter state
+    entry is complete for its group and of real numbers, as a step of torch.optim would
+    need it: a step count that is a whole number >= 0 (not a bool or a string), and every
+    buffer the group's hyper-parameters need, each of a real floating dtype."""
+    buffers = [k for k in algorithm.state_keys if entry.get(k) is not None]
+    if not buffers and "step" not in entry:
+        return
+    if algorithm.counts_steps:
+        if "step" not in entry:
+            raise ValueError(f"{where}: the state has {', '.join(buffers)} but no 'step'")
+        step = entry["step"]
+        if hasattr(step, "detach"):  # a torch tensor
+            step = step.detach().cpu().numpy()
+        step = np.asarray(step) if isinstance(step, (np.ndarray, np.generic)) else step
+        is_number = (
+            (isinstance(step, (int, float)) and not isinstance(step, bool))
+            or (isinstance(step, np.ndarray) and step.size == 1 and step.dtype.kind in "iuf")
+        )
+        if not is_number:
+            raise TypeError(f"{where}: 'step' must be a number (int, float or a 1-element real tensor), got {entry['step']!r}")
+        value = float(step.reshape(())) if isinstance(step, np.ndarray) else float(step)
+        if not (value >= 0 and value == int(value)):
+            raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {value}")
+    for key in algorithm.needed_keys(group):
+        if entry.get(key) is None:
+            raise ValueError(
+                f"{where}: the state lacks {key!r}, which this group's hyper-parameters need "
+                f"(a state dict saved with other settings? load it into an optimizer with the same ones)"
+            )
+    for key in buffers:
+        value = entry[key]
+        dtype = getattr(value, "dtype", None)
+        kind = np.dtype(dtype).kind if isinstance(dtype, np.dtype) else None
+        if kind is None and hasattr(value, "is_floating_point"):  # a torch tensor
+            kind = "f" if value.is_floating_point() else ("c" if value.is_complex() else "i")
+        if kind != "f":
+            raise TypeError(
+                f"{where}: {key!r} must be an array or tensor of real floating-point numbers, got "
+                f"{type(value).__name__} of dtype {dtype}"
+            )

@@ -14,7 +14,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _core
-from ._common import ADAM, SGD as _SGD_ALGORITHM, Algorithm, Rollback, StepGuard, check_group, state_stagger, zeros_packed
+from ._common import (
+    ADAM,
+    SGD as _SGD_ALGORITHM,
+    Algorithm,
+    Rollback,
+    StepGuard,
+    check_group,
+    check_loaded_entry,
+    state_stagger,
+    zeros_packed,
+)
 
 __all__ = ["Optimizer", "Adam", "AdamW", "SGD"]
 
@@ -151,9 +161,9 @@ class Optimizer:
             grad_list = self._grad_list(grads)
             created = Rollback()
             needs = [self._algorithm.needed_keys(group) for group in self.param_groups]
-            if needs != self._complete_for:
-                self._create_state(grad_list, needs, created)
             try:
+                if needs != self._complete_for:
+                    self._create_state(grad_list, needs, created)
                 if self._plan is None:
                     states = [list(self._buffers[k]) for k in self._state_keys]
                     self._plan = _core._StepPlan(
@@ -161,7 +171,9 @@ class Optimizer:
                     )
                 self._plan.step(grad_list, self._steps, self.param_groups)
             except BaseException:
-                if created:  # a rejected step leaves no trace, not even fresh state
+                # A rejected step leaves no trace, not even fresh state; a step that happened
+                # (then interrupted, as by Ctrl-C, on its way out) keeps the state it created.
+                if created and (self._plan is None or self._plan.completed == 0):
                     created.run()
                     self._plan = None
                 self._complete_for = None
@@ -191,18 +203,18 @@ class Optimizer:
                             continue
                         missing[key].append(i)
             start += size
+        if any(missing.values()):
+            self._plan = None  # before any change: the plan that steps with new state is a new one
         for kind, (key, indices) in enumerate(missing.items()):
             for i, array in zip(indices, self._zeros_state(kind, indices)):
-                self._buffers[key][i] = array
+                # C-level undos (Rollback), each registered before its change
                 created.add(functools.partial(self._buffers[key].__setitem__, i, None))
+                self._buffers[key][i] = array
                 if not self._algorithm.counts_steps:
                     # SGD: count 0 tells the kernel the buffer is new (it becomes the gradient, as torch's clone)
-                    old = int(self._steps[i])
+                    created.add(functools.partial(self._steps.__setitem__, i, int(self._steps[i])))
                     self._steps[i] = 0
-                    created.add(functools.partial(self._steps.__setitem__, i, old))
         self._complete_for = needs if complete else None
-        if created:
-            self._plan = None
 
     def _zeros_state(self, kind: int, indices: list[int]) -> list[np.ndarray]:
         """New zeroed buffers of state kind number ``kind`` for the params at ``indices``."""
@@ -255,6 +267,15 @@ class Optimizer:
         # torch numbers params in group order, as we do.
         order = [int(i) for saved in groups for i in saved["params"]]
         index_of = {saved_index: i for i, saved_index in enumerate(order)}
+        new_groups = []
+        for group, saved in zip(self.param_groups, groups):
+            updated = dict(group)
+            updated.update({k: v for k, v in saved.items() if k != "params"})
+            if "betas" in updated:
+                updated["betas"] = tuple(updated["betas"])
+            check_group(self._algorithm, updated, name)
+            new_groups.append(updated)
+        group_of = [g for g, size in enumerate(self._group_sizes) for _ in range(size)]
         new_buffers: dict[str, list[np.ndarray | None]] = {k: [None] * len(self._params) for k in self._state_keys}
         new_steps = np.zeros(len(self._params), dtype=np.int64)
         for saved_index, entry in state_dict["state"].items():
@@ -262,6 +283,7 @@ class Optimizer:
                 raise ValueError(f"{name}: state for unknown parameter index {saved_index}")
             i = index_of[int(saved_index)]
             param = self._params[i]
+            check_loaded_entry(self._algorithm, entry, new_groups[group_of[i]], f"{name}: parameter {saved_index}")
             for key, value in entry.items():
                 if key == "step":
                     step = float(value)
@@ -269,6 +291,8 @@ class Optimizer:
                         raise ValueError(f"{name}: step of parameter {saved_index} must be a whole number >= 0, got {step}")
                     new_steps[i] = int(step)
                 elif key in self._state_keys:
+                    if value is None:  # torch's SGD saves momentum_buffer None without momentum
+                        continue
                     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
                         value = value.detach().cpu().numpy()
                     loaded = np.asarray(value, dtype=param.dtype)
@@ -281,14 +305,6 @@ class Optimizer:
                         new_steps[i] = 1  # a loaded momentum buffer is past its first step
                 else:
                     raise ValueError(f"{name}: unknown state entry {key!r} for parameter {saved_index}")
-        new_groups = []
-        for group, saved in zip(self.param_groups, groups):
-            updated = dict(group)
-            updated.update({k: v for k, v in saved.items() if k != "params"})
-            if "betas" in updated:
-                updated["betas"] = tuple(updated["betas"])
-            check_group(self._algorithm, updated, name)
-            new_groups.append(updated)
         for kind, key in enumerate(self._state_keys):  # copied into the optimizer's own blocks
             indices = [i for i, a in enumerate(new_buffers[key]) if a is not None]
             for i, array in zip(indices, self._zeros_state(kind, indices)):

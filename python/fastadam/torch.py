@@ -67,7 +67,17 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
     ) from _error
 
 from . import _core
-from ._common import ADAM, SGD as _SGD_ALGORITHM, Algorithm, Rollback, StepGuard, check_group, state_stagger, zeros_packed
+from ._common import (
+    ADAM,
+    SGD as _SGD_ALGORITHM,
+    Algorithm,
+    Rollback,
+    StepGuard,
+    check_group,
+    check_loaded_entry,
+    state_stagger,
+    zeros_packed,
+)
 
 __all__ = ["Adam", "AdamW", "SGD"]
 
@@ -388,6 +398,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
         algorithm = self._algorithm
         name = self._step_name
         created = Rollback()
+        plan: Any = None
         try:
             missing = self._check_and_find_missing_state()
             fresh_buffers = self._create_state(missing, created)
@@ -424,7 +435,10 @@ class _NativeOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{name}: internal error: a plan built for this step found it stale")
             self._plan = plan
         except BaseException:
-            created.run()  # a rejected step leaves no trace, not even fresh state
+            # A rejected step leaves no trace, not even fresh state; a step that happened
+            # (then interrupted, as by Ctrl-C, on its way out) keeps the state it created.
+            if plan is None or plan.completed == 0:
+                created.run()
             self._plan = None
             raise
 
@@ -466,19 +480,17 @@ class _NativeOptimizer(torch.optim.Optimizer):
                 arrays = zeros_packed([(tuple(p.shape), p.detach().numpy().dtype) for p in wanting], state_stagger(kind - 1))
                 values = [torch.from_numpy(a) for a in arrays]
             for p, value in zip(wanting, values):
-                had_entry = p in self.state
-                self.state[p][key] = value
-                created.add(functools.partial(self._undo_create, p, key, had_entry))
+                # C-level undos (Rollback): dict's own pop, past _State's and _Entry's
+                # overrides; each registered before its change, so an interrupt between
+                # the two leaves an undo with nothing to undo, never a change without one.
+                if p not in self.state:
+                    created.add(functools.partial(dict.pop, self.state, p, None))
+                entry = self.state[p]
+                created.add(functools.partial(dict.pop, entry, key, None))
+                entry[key] = value
                 if key == "momentum_buffer":
                     fresh.append(p)
         return fresh
-
-    def _undo_create(self, p: torch.Tensor, key: str, had_entry: bool) -> None:
-        entry = self.state.get(p)
-        if entry is not None:
-            entry.pop(key, None)
-            if not entry and not had_entry:
-                del self.state[p]
 
     def _state_array(self, value: object, key: str, label: str) -> np.ndarray:
         if not _ok(value):
@@ -514,10 +526,10 @@ class _NativeOptimizer(torch.optim.Optimizer):
             grads.append(None if grad is None else grad.detach().numpy())
             if id(p) in fresh_ids:
                 counts[k] = 0
-        plan.step(grads, counts, self.param_groups)
         updated = tuple(p for p, g in zip(tensors, grads) if g is not None)
         if _increment_version is not None and updated:
-            _increment_version(updated)
+            _increment_version(updated)  # before, as torch_step does: an interrupt cannot skip it
+        plan.step(grads, counts, self.param_groups)
 
     # ----- state ------------------------------------------------------------------------
 
@@ -539,6 +551,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
         Entries of ``state`` that are not a parameter's are kept as they are, as torch does.
         """
         state = state_dict.get("state", {})
+        self._check_loaded_state(state_dict)
         if any(isinstance(v, np.ndarray) for entry in state.values() if isinstance(entry, Mapping) for v in entry.values()):
             state_dict = dict(state_dict)
             state_dict["state"] = {
@@ -550,6 +563,24 @@ class _NativeOptimizer(torch.optim.Optimizer):
                 for k, entry in state.items()
             }
         super().load_state_dict(state_dict)
+
+    def _check_loaded_state(self, state_dict: Mapping[str, Any]) -> None:
+        # Before torch's loading replaces anything: each parameter's entry complete and
+        # real for its (loaded) group. Group layouts that do not match are torch's to refuse.
+        saved_groups = state_dict.get("param_groups")
+        state = state_dict.get("state")
+        if not isinstance(saved_groups, (list, tuple)) or not isinstance(state, Mapping) or len(saved_groups) != len(self.param_groups):
+            return
+        name = f"fastadam.torch.{type(self).__name__}.load_state_dict()"
+        for group, saved in zip(self.param_groups, saved_groups):
+            if not isinstance(saved, Mapping) or len(saved.get("params", ())) != len(group["params"]):
+                return
+        for group, saved in zip(self.param_groups, saved_groups):
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for index in saved["params"]:
+                entry = state.get(index)
+                if isinstance(entry, Mapping):
+                    check_loaded_entry(self._algorithm, entry, merged, f"{name}: state[{index!r}]")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -710,6 +741,24 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
         )
+
+    def _check_loaded_state(self, state_dict: Mapping[str, Any]) -> None:
+        # Before torch's loading replaces anything: each parameter's entry complete and
+        # real for its (loaded) group. Group layouts that do not match are torch's to refuse.
+        saved_groups = state_dict.get("param_groups")
+        state = state_dict.get("state")
+        if not isinstance(saved_groups, (list, tuple)) or not isinstance(state, Mapping) or len(saved_groups) != len(self.param_groups):
+            return
+        name = f"fastadam.torch.{type(self).__name__}.load_state_dict()"
+        for group, saved in zip(self.param_groups, saved_groups):
+            if not isinstance(saved, Mapping) or len(saved.get("params", ())) != len(group["params"]):
+                return
+        for group, saved in zip(self.param_groups, saved_groups):
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for index in saved["params"]:
+                entry = state.get(index)
+                if isinstance(entry, Mapping):
+                    check_loaded_entry(self._algorithm, entry, merged, f"{name}: state[{index!r}]")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
