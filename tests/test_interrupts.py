@@ -46,8 +46,9 @@ def _arm(delay):
     signal.setitimer(signal.ITIMER_REAL, delay)
 
 
-def run_interrupted(make, step, counts_of, params_of):
-    """Returns how many steps were interrupted; asserts the invariant after every round."""
+def run_interrupted(make, step, check):
+    """Steps fresh optimizers under interrupts; ``check(opt, round)`` asserts the invariant
+    after every round. Returns how many steps were interrupted."""
     previous = signal.signal(signal.SIGALRM, _handler)
     hits = 0
     try:
@@ -60,18 +61,27 @@ def run_interrupted(make, step, counts_of, params_of):
                 except KeyboardInterrupt:
                     hits += 1
                 _arm(0)
-            counts = counts_of(opt)
-            assert len(set(counts)) <= 1, f"round {r}: params at different step counts {counts}"
-            n = counts[0] if counts else 0
-            ref, ref_grads = make()
-            for _ in range(n):
-                step(ref, ref_grads)
-            for i, (a, b) in enumerate(zip(params_of(opt), params_of(ref))):
-                assert np.array_equal(a, b), f"round {r}: param {i} is not the param of {n} whole steps"
+            check(opt, r)
     finally:
         _arm(0)
         signal.signal(signal.SIGALRM, previous)
     return hits
+
+
+def whole_steps(make, step, counts_of, params_of):
+    """The check for a counting optimizer: one count n for all params, the params of n whole steps."""
+
+    def check(opt, r):
+        counts = counts_of(opt)
+        assert len(set(counts)) <= 1, f"round {r}: params at different step counts {counts}"
+        n = counts[0] if counts else 0
+        ref, ref_grads = make()
+        for _ in range(n):
+            step(ref, ref_grads)
+        for i, (a, b) in enumerate(zip(params_of(opt), params_of(ref))):
+            assert np.array_equal(a, b), f"round {r}: param {i} is not the param of {n} whole steps"
+
+    return check
 
 
 SHAPES = [(300,), (17, 5), (2000,), (3,)]
@@ -93,7 +103,8 @@ def test_numpy_optimizer_steps_whole_under_interrupts(cls):
             int(c) for c in opt._steps
         ]
 
-    hits = run_interrupted(make, lambda o, g: o.step(g), counts_of, lambda o: o._params)
+    step = lambda o, g: o.step(g)  # noqa: E731
+    hits = run_interrupted(make, step, whole_steps(make, step, counts_of, lambda o: o._params))
     assert hits > 0, "no step was interrupted: the test proves nothing"
 
 
@@ -114,36 +125,18 @@ def test_torch_adapter_steps_whole_under_interrupts(cls):
         return getattr(ft, cls)(params, **kwargs), None
 
     def counts_of(opt):
-        if cls == "Adam":
-            return [int(opt.state[p]["step"]) for p in opt.param_groups[0]["params"] if "step" in opt.state.get(p, {})]
-        # SGD keeps no count: the momentum buffer is there after a whole first step, or not at all
-        have = [p in opt.state and opt.state[p].get("momentum_buffer") is not None for p in opt.param_groups[0]["params"]]
-        assert len(set(have)) == 1, f"momentum buffers for some params only: {have}"
-        return []
+        return [int(opt.state[p]["step"]) for p in opt.param_groups[0]["params"] if "step" in opt.state.get(p, {})]
 
     def params_of(opt):
         return [p.detach().numpy() for p in opt.param_groups[0]["params"]]
 
-    if cls == "SGD":
+    def sgd_check(opt, r):
         # SGD keeps no count: every param's momentum buffer there or none, all params moved or none
-        hits = 0
-        previous = signal.signal(signal.SIGALRM, _handler)
-        try:
-            for r in range(ROUNDS):
-                opt, _ = make()
-                for k in range(12):
-                    _arm(1e-6 * (1 + (r * 12 + k) % 60))
-                    try:
-                        opt.step()
-                    except KeyboardInterrupt:
-                        hits += 1
-                    _arm(0)
-                counts_of(opt)
-                moved = [not np.array_equal(p, a) for p, a in zip(params_of(opt), init)]
-                assert len(set(moved)) == 1, f"round {r}: some params moved, others not: {moved}"
-        finally:
-            _arm(0)
-            signal.signal(signal.SIGALRM, previous)
-    else:
-        hits = run_interrupted(make, lambda o, g: o.step(), counts_of, params_of)
+        have = [p in opt.state and opt.state[p].get("momentum_buffer") is not None for p in opt.param_groups[0]["params"]]
+        assert len(set(have)) == 1, f"round {r}: momentum buffers for some params only: {have}"
+        moved = [not np.array_equal(p, a) for p, a in zip(params_of(opt), init)]
+        assert len(set(moved)) == 1, f"round {r}: some params moved, others not: {moved}"
+
+    step = lambda o, g: o.step()  # noqa: E731
+    hits = run_interrupted(make, step, whole_steps(make, step, counts_of, params_of) if cls == "Adam" else sgd_check)
     assert hits > 0, "no step was interrupted: the test proves nothing"

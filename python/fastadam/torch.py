@@ -742,24 +742,6 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
         )
 
-    def _check_loaded_state(self, state_dict: Mapping[str, Any]) -> None:
-        # Before torch's loading replaces anything: each parameter's entry complete and
-        # real for its (loaded) group. Group layouts that do not match are torch's to refuse.
-        saved_groups = state_dict.get("param_groups")
-        state = state_dict.get("state")
-        if not isinstance(saved_groups, (list, tuple)) or not isinstance(state, Mapping) or len(saved_groups) != len(self.param_groups):
-            return
-        name = f"fastadam.torch.{type(self).__name__}.load_state_dict()"
-        for group, saved in zip(self.param_groups, saved_groups):
-            if not isinstance(saved, Mapping) or len(saved.get("params", ())) != len(group["params"]):
-                return
-        for group, saved in zip(self.param_groups, saved_groups):
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            for index in saved["params"]:
-                entry = state.get(index)
-                if isinstance(entry, Mapping):
-                    check_loaded_entry(self._algorithm, entry, merged, f"{name}: state[{index!r}]")
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
