@@ -483,6 +483,7 @@ def _strict_cases(dtype_complex):
         "step a string": (lambda e, g: e.update(step="5"), TypeError),
         "step a bool": (lambda e, g: e.update(step=True), TypeError),
         "step negative": (lambda e, g: e.update(step=-1.0), ValueError),
+        "step infinite": (lambda e, g: e.update(step=float("inf")), ValueError),
         "complex exp_avg": (lambda e, g: e.update(exp_avg=e["exp_avg"].astype(dtype_complex)), TypeError),
         "buffers but no step": (lambda e, g: e.pop("step"), ValueError),
     }

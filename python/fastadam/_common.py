@@ -9,7 +9,7 @@ created by a step that did not happen. See docs/design.md, "Optimizer core".
 from __future__ import annotations
 
 import collections
-import functools
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +51,9 @@ def check_group(algorithm: Algorithm, group: Mapping[str, Any], where: str) -> N
 StepGuard = _core._StepGuard
 
 
+_CALL = operator.methodcaller("__call__")
+
+
 class Rollback:
     """Undo actions for what a step created before it knew the step would happen (fresh
     state), so that a rejected step leaves no trace.
@@ -61,14 +64,10 @@ class Rollback:
     ``__hash__`` is Python code) restarts the run, and is raised once everything is undone.
     """
 
-    __slots__ = ("_undo", "_run_all")
+    __slots__ = ("_undo",)
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], object]] = []
-        # One C-level call: no bytecode of this module runs between two undos.
-        self._run_all: Callable[[], object] = functools.partial(
-            collections.deque, map(operator.methodcaller("__call__"), self._undo), 0
-        )
 
     def add(self, undo: Callable[[], object]) -> None:
         self._undo.append(undo)
@@ -80,7 +79,9 @@ class Rollback:
         interrupt: BaseException | None = None
         for _ in range(1000):
             try:
-                self._run_all()
+                # Every undo again from the first (they are idempotent), in one C-level call:
+                # no bytecode of this module runs between two undos.
+                collections.deque(map(_CALL, self._undo), 0)
                 break
             except KeyboardInterrupt as error:
                 interrupt = error
@@ -141,7 +142,7 @@ def check_loaded_entry(algorithm: Algorithm, entry: Mapping[str, Any], group: Ma
         if not is_number:
             raise TypeError(f"{where}: 'step' must be a number (int, float or a 1-element real tensor), got {entry['step']!r}")
         value = float(step.reshape(())) if isinstance(step, np.ndarray) else float(step)
-        if not (value >= 0 and value == int(value)):
+        if not (math.isfinite(value) and value >= 0 and value == int(value)):
             raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {value}")
     for key in algorithm.needed_keys(group):
         if entry.get(key) is None:
