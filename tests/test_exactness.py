@@ -56,6 +56,26 @@ def run_steps(step_fn, state, grads, kwargs):
         )
 
 
+@pytest.mark.parametrize("isa", fastadam.available_isas())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_exp_avg_is_torchs_lerp_in_both_forms(dtype, isa):
+    # torch: exp_avg.lerp_(grad, 1 - beta1), whose form for weights >= 0.5 is
+    # grad - (grad - exp_avg)*(1 - weight). With beta1 = 0, exp_avg is the gradient
+    # exactly: 1.0 then 1e-10 gives 1e-10 (m + (g - m) gave 0).
+    fastadam.set_isa(isa)  # restored by conftest
+    n = 37  # vector body and tail
+    one, w = dtype(1), dtype(0.75)
+    for beta1, want in ((0.0, dtype(1e-10)), (0.25, dtype(1e-10) - (one - w) * (dtype(1e-10) - w))):
+        p, m, v = np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, dtype)
+        for t, g in enumerate((1.0, 1e-10), start=1):
+            fastadam.adam_step(p, np.full(n, g, dtype), m, v, step=t, lr=1e-3, betas=(beta1, 0.999))
+        assert np.all(m == want), (beta1, m[:3], want)
+        ref = [np.zeros(n, dtype) for _ in range(3)]
+        for t, g in enumerate((1.0, 1e-10), start=1):
+            reference.adam_step(ref[0], np.full(n, g, dtype), ref[1], ref[2], step=t, lr=1e-3, betas=(beta1, 0.999))
+        assert same_bits(ref[1], m) and same_bits(ref[0], p)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 def test_amsgrad_maximum_ties_and_nans_as_numpy(dtype):
     # maximum(max_exp_avg_sq, v) as numpy.maximum: a NaN in either operand wins, and on a

@@ -30,6 +30,7 @@ ADAM_CASES = {
     "decoupled-flag": ("Adam", {"weight_decay": 0.05, "decoupled_weight_decay": True}),
     "adamw": ("AdamW", {"weight_decay": 0.05}),
     "adamw-amsgrad": ("AdamW", {"amsgrad": True}),
+    "beta1-zero": ("Adam", {"betas": (0.0, 0.999)}),  # exp_avg in lerp's other form
 }
 SGD_CASES = {
     "sgd": ("SGD", {}),

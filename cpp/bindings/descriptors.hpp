@@ -13,6 +13,21 @@
 
 namespace fastadam::bindings {
 
+// The GIL released around a kernel call. Unlike pybind11's gil_scoped_release, the
+// destructor may throw: a daemon thread that re-takes the GIL while the interpreter
+// exits is ended by Python with pthread_exit, an unwind that a noexcept destructor
+// turned into std::terminate (the whole process aborted, exit code 134).
+class GilRelease {
+public:
+    GilRelease() : state_(PyEval_SaveThread()) {}
+    ~GilRelease() noexcept(false) { PyEval_RestoreThread(state_); }
+    GilRelease(const GilRelease&) = delete;
+    GilRelease& operator=(const GilRelease&) = delete;
+
+private:
+    PyThreadState* state_;
+};
+
 struct Adam {
     using Hyper = AdamHyperparams;
     template <class T>
@@ -101,7 +116,7 @@ struct Descriptors {
         else set_in(f64[slot], grad, step);
     }
     void run_listed() {
-        py::gil_scoped_release release;
+        GilRelease release;
         if (!f32.empty()) A::kernel(f32.data(), f32.size());
         if (!f64.empty()) A::kernel(f64.data(), f64.size());
     }
@@ -133,7 +148,7 @@ struct Descriptors {
         prefetch_lines(steps_f64.data(), steps_f64.size() * sizeof(steps_f64[0]));
     }
     void run_kept() {
-        py::gil_scoped_release release;
+        GilRelease release;
         if (!f32.empty()) A::kernel(f32.data(), grads_f32.data(), steps_f32.data(), f32.size());
         if (!f64.empty()) A::kernel(f64.data(), grads_f64.data(), steps_f64.data(), f64.size());
     }

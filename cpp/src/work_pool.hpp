@@ -23,6 +23,10 @@
 #include <mutex>
 #include <thread>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define FASTADAM_PAUSE() _mm_pause()
@@ -46,8 +50,21 @@ public:
 
     static WorkPool& instance() {
         // Leaked on purpose: detached workers may outlive static destruction at exit.
-        static WorkPool* pool = new WorkPool();
-        return *pool;
+        static const bool registered = [] {
+            current() = new WorkPool();
+#if defined(__unix__) || defined(__APPLE__)
+            // fork(): the parent waits for a step in progress in another thread to end, so
+            // that no lock is copied while held; the child starts a new pool (its workers
+            // were not copied) and leaks the old one. Else a child forked during another
+            // thread's step hung on the copied lock (docs/design.md, "Threads, signals,
+            // fork and exit").
+            pthread_atfork([] { current()->lock_for_fork(); }, [] { current()->unlock_after_fork(); },
+                           [] { current() = new WorkPool(); });
+#endif
+            return true;
+        }();
+        (void)registered;
+        return *current();
     }
 
     // Runs fn(context, u) for every u in [0, shares * units_per_share) on the caller and
@@ -100,6 +117,19 @@ public:
 
 private:
     WorkPool() = default;
+
+    static WorkPool*& current() {
+        static WorkPool* pool = nullptr;
+        return pool;
+    }
+    void lock_for_fork() {
+        job_mutex_.lock();  // a job in progress ends first: it needs neither lock below nor the GIL
+        wake_mutex_.lock();
+    }
+    void unlock_after_fork() {
+        wake_mutex_.unlock();
+        job_mutex_.unlock();
+    }
 
     static std::int64_t now_ns() {
         return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();

@@ -24,7 +24,8 @@ Adam, per element (``T`` = the arrays' dtype, ``t`` = ``step``)::
     g = -grad if maximize else grad
     p = p * T(1 - lr*weight_decay)                    # AdamW (decoupled), weight_decay != 0
     g = g + T(weight_decay) * p                       # Adam (L2),         weight_decay != 0
-    m = m + T(1 - beta1) * (g - m)                    # exp_avg      (torch: lerp)
+    m = m + T(1 - beta1) * (g - m)                    # exp_avg, |T(1 - beta1)| < 0.5  (torch's lerp)
+    m = g + (-(T(1) - T(1 - beta1))) * (g - m)        # exp_avg, otherwise (lerp's other form)
     v = v * T(beta2) + T(1 - beta2) * g * g           # exp_avg_sq   ((T(1-beta2)*g)*g)
     v_max = maximum(v_max, v)                         # amsgrad only (NaN propagates; ties: v)
     denom = sqrt(v_max if amsgrad else v) * T(1 / sqrt(1 - beta2**t)) + T(eps)
@@ -88,7 +89,11 @@ def adam_step(
         else:
             g = g + T(weight_decay) * param
 
-    exp_avg += T(1 - beta1) * (g - exp_avg)
+    weight = T(1 - beta1)
+    if abs(weight) < 0.5:
+        exp_avg += weight * (g - exp_avg)
+    else:  # torch's lerp: g - (1 - w)*(g - m), here g + (-(1 - w))*(g - m), the kernel's
+        exp_avg[...] = g + (-(T(1) - weight)) * (g - exp_avg)
     exp_avg_sq[...] = exp_avg_sq * T(beta2) + T(1 - beta2) * g * g
 
     if amsgrad:

@@ -51,7 +51,7 @@ struct Halfway {
 // An update is written in two halves so that the AVX-512 loop can overlap one
 // group's square roots with the previous group's divisions (adam_vectors).
 // First half: the loads, the weight decay, the moments (stored) and the square root.
-template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, class T, class Sqrt>
+template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, class T, class Sqrt>
 inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad,
                                T* FASTADAM_RESTRICT exp_avg, T* FASTADAM_RESTRICT exp_avg_sq,
                                T* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<V>& c, std::int64_t i,
@@ -71,7 +71,9 @@ inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTAD
     if (MAXIMIZE) g = -g;
     if (WD == WeightDecay::decoupled) p = p * c.decay_factor;
     if (WD == WeightDecay::l2) g = g + c.weight_decay * p;
-    const V m = m_prev + c.one_minus_beta1 * (g - m_prev);
+    // torch's lerp(exp_avg, g, w), w = 1 - beta1, in its form for |w| (types.hpp, lerp_weight)
+    const V d = g - m_prev;
+    const V m = LERP_FROM_GRAD ? g + c.lerp_weight * d : m_prev + c.lerp_weight * d;
     const V v = v_prev * c.beta2 + c.one_minus_beta2 * g * g;
     L::store(exp_avg + i, m);
     L::store(exp_avg_sq + i, v);
@@ -90,18 +92,18 @@ inline void adam_param(T* FASTADAM_RESTRICT param, const AdamScalars<V>& c, std:
     Lane<V>::store(param + i, h.param - h.scaled_exp_avg / denom);
 }
 
-template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, class T, class Sqrt>
+template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, class T, class Sqrt>
 inline void adam_update(T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad, T* FASTADAM_RESTRICT exp_avg,
                         T* FASTADAM_RESTRICT exp_avg_sq, T* FASTADAM_RESTRICT max_exp_avg_sq,
                         const AdamScalars<V>& c, std::int64_t i, Sqrt sqrt) {
     adam_param<V>(param, c, i,
-                  adam_moments<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt));
+                  adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt));
 }
 
 template <class V, class T>
 AdamScalars<V> broadcast(const AdamScalars<T>& s) {
     using L = Lane<V>;
-    return {L::broadcast(s.one_minus_beta1), L::broadcast(s.beta2), L::broadcast(s.one_minus_beta2),
+    return {L::broadcast(s.lerp_weight), L::broadcast(s.beta2), L::broadcast(s.one_minus_beta2),
             L::broadcast(s.weight_decay), L::broadcast(s.decay_factor), L::broadcast(s.step_size),
             L::broadcast(s.inv_bias_correction2_sqrt), L::broadcast(s.eps)};
 }
@@ -131,7 +133,7 @@ using FloatVector = F32x8;  // AVX2: every square root on the divide unit
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
 // The float loop over FloatVector lanes. Returns where the scalar loop takes over
 // (AVX2: the last few elements; AVX-512 does them too and returns end).
-template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
+template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD>
 std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_RESTRICT grad,
                           float* FASTADAM_RESTRICT exp_avg, float* FASTADAM_RESTRICT exp_avg_sq,
                           float* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<float>& s, std::int64_t begin,
@@ -141,7 +143,7 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
     const AdamScalars<V> c = broadcast<V>(s);
     const auto by_divider = [](V x) { return L::sqrt(x); };
     const auto update = [&](std::int64_t at, auto sqrt) {
-        adam_update<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
+        adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
     };
     std::int64_t i = begin;
     // First the elements before exp_avg starts a 64-byte line: a vector that straddles
@@ -165,7 +167,7 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
         stage(m, exp_avg);
         stage(v, exp_avg_sq);
         if constexpr (AMSGRAD) stage(v_max, max_exp_avg_sq);
-        adam_update<V, WD, AMSGRAD, MAXIMIZE>(p, g, m, v, v_max, c, 0, by_divider);
+        adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(p, g, m, v, v_max, c, 0, by_divider);
         unstage(param, p);
         unstage(exp_avg, m);
         unstage(exp_avg_sq, v);
@@ -176,7 +178,7 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
 #else
     const auto scalar_sqrt = [](float x) { return Lane<float>::sqrt(x); };
     for (const std::int64_t stop = i + peel; i < stop; ++i)
-        adam_update<float, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i, scalar_sqrt);
+        adam_update<float, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i, scalar_sqrt);
 #endif
 #if defined(FASTADAM_HAVE_F32X16)
     const auto by_fma = [](V x) { return sqrt_by_fma(x); };
@@ -193,9 +195,9 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
         for (int k = 0; k < vectors; ++k) {
             const Halfway<V> h =
                 k < kDividerVectors
-                    ? adam_moments<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                    ? adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
                                                              at + k * L::width, by_divider)
-                    : adam_moments<V, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                    : adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
                                                              at + k * L::width, by_fma);
             p[k] = h.param;
             m[k] = h.scaled_exp_avg;
@@ -231,7 +233,7 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
 }
 #endif
 
-template <class T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
+template <class T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD>
 void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t begin, std::int64_t end) {
     T* FASTADAM_RESTRICT param = t.param;
     const T* FASTADAM_RESTRICT grad = t.grad;
@@ -242,11 +244,11 @@ void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t beg
     std::int64_t i = begin;
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
     if constexpr (std::is_same<T, float>::value)
-        i = adam_vectors<WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, begin, end);
+        i = adam_vectors<WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, begin, end);
 #endif
     const auto sqrt = [](T x) { return Lane<T>::sqrt(x); };
     for (; i < end; ++i)
-        adam_update<T, WD, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt);
+        adam_update<T, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt);
 }
 
 // The square root of the float loops' FMA lanes, over n elements: a test hook
@@ -265,10 +267,16 @@ inline void lane_sqrt_f32(const float* x, const float* estimate, float* out, std
     for (; i < n; ++i) out[i] = ieee_sqrt(x[i]);
 }
 
+template <class T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE>
+void adam_loop_lerp(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t b, std::int64_t e) {
+    if (lerp_from_grad<T>(*t.hyper)) adam_loop<T, WD, AMSGRAD, MAXIMIZE, true>(t, s, b, e);
+    else adam_loop<T, WD, AMSGRAD, MAXIMIZE, false>(t, s, b, e);
+}
+
 template <class T, WeightDecay WD, bool AMSGRAD>
 void adam_loop_maximize(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t b, std::int64_t e) {
-    if (t.hyper->maximize) adam_loop<T, WD, AMSGRAD, true>(t, s, b, e);
-    else adam_loop<T, WD, AMSGRAD, false>(t, s, b, e);
+    if (t.hyper->maximize) adam_loop_lerp<T, WD, AMSGRAD, true>(t, s, b, e);
+    else adam_loop_lerp<T, WD, AMSGRAD, false>(t, s, b, e);
 }
 
 template <class T, WeightDecay WD>
