@@ -537,3 +537,41 @@ else:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("refused"), (out.returncode, out.stdout, out.stderr[-2000:])
+
+
+def test_a_param_replaced_in_param_groups_is_taken_with_fresh_state():
+    # As torch.optim: the new array is stepped, from fresh state; the old one no longer.
+    w, b = np.ones(4, np.float32), np.ones(2, np.float32)
+    opt = fastadam.Adam([{"params": [w]}, {"params": [b], "lr": 0.5}], lr=0.1)
+    grads = [np.ones(4, np.float32), np.ones(2, np.float32)]
+    opt.step(grads)
+    old_w = w.copy()
+    new_w = np.full(4, 3.0, np.float32)
+    opt.param_groups[0]["params"][0] = new_w
+    opt.step(grads)
+    assert np.array_equal(w, old_w), "the replaced array was still written"
+    fresh = np.full(4, 3.0, np.float32)
+    fastadam.Adam([fresh], lr=0.1).step([grads[0]])
+    assert same_bits(new_w, fresh) and int(opt.state[0]["step"]) == 1 and int(opt.state[1]["step"]) == 2
+
+
+def test_param_groups_changed_in_other_ways_raise_and_change_nothing():
+    w = np.ones(4, np.float32)
+    opt = fastadam.Adam([w], lr=0.1)
+    opt.step([np.ones(4, np.float32)])
+    before = w.copy()
+    opt.param_groups.append({"params": [np.ones(3, np.float32)]})
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.step([np.ones(4, np.float32)])
+    opt.param_groups.pop()
+    opt.param_groups[0]["params"].append(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] must stay a list of 1"):
+        opt.step([np.ones(4, np.float32)])
+    opt.param_groups[0]["params"].pop()
+    opt.param_groups[0]["params"][0] = w.astype(np.int32)
+    with pytest.raises(TypeError):
+        opt.step([np.ones(4, np.float32)])
+    opt.param_groups[0]["params"][0] = w
+    assert np.array_equal(w, before)
+    opt.step([np.ones(4, np.float32)])
+    assert int(opt.state[0]["step"]) == 2

@@ -97,7 +97,8 @@ def test_numpy_adam_matches_reference_and_counts_steps(dtype):
     plan, params, m, v, _ = adam_plan(rng, dtype=dtype)
     want_p, want_m, want_v = copies(params), copies(m), copies(v)
     steps = np.zeros(4, dtype=np.int64)
-    groups = [dict(ADAM_GROUP), {**ADAM_GROUP, "lr": 3e-3, "decoupled_weight_decay": True, "foreach": None, "params": []}]
+    groups = [{**ADAM_GROUP, "params": params[:2]},
+              {**ADAM_GROUP, "lr": 3e-3, "decoupled_weight_decay": True, "foreach": None, "params": params[2:]}]
     for t in range(3):
         grads = arrays(rng, 4, dtype)
         grads[3] = None if t == 1 else grads[3]  # skipped once: its count lags by one
@@ -116,7 +117,7 @@ def test_numpy_adam_matches_reference_and_counts_steps(dtype):
 def test_numpy_hyper_parameters_are_read_at_every_step():
     rng = np.random.default_rng(2)
     plan, params, *_ = adam_plan(rng)
-    groups = [dict(ADAM_GROUP), dict(ADAM_GROUP)]
+    groups = [{**ADAM_GROUP, "params": params[:2]}, {**ADAM_GROUP, "params": params[2:]}]
     steps = np.zeros(4, dtype=np.int64)
     groups[1]["lr"] = 0.0  # a scheduler's write: the second group stops moving
     before = copies(params)
@@ -129,7 +130,7 @@ def test_numpy_rejected_step_writes_nothing_and_counts_nothing():
     rng = np.random.default_rng(3)
     plan, params, m, v, _ = adam_plan(rng)
     steps = np.array([5, 5, 5, 5], dtype=np.int64)
-    groups = [dict(ADAM_GROUP), dict(ADAM_GROUP)]
+    groups = [{**ADAM_GROUP, "params": params[:2]}, {**ADAM_GROUP, "params": params[2:]}]
     snapshot = copies(params + m + v)
     bad_grads = [
         (arrays(rng, 3) + [np.zeros((5, 3), np.float32)], ValueError, r"Adam\.step\(\): grads\[3\] has shape \(5,3\)"),
@@ -142,14 +143,16 @@ def test_numpy_rejected_step_writes_nothing_and_counts_nothing():
         with pytest.raises(exc, match=pattern):
             plan.step(grads, steps, groups)
     with pytest.raises(ValueError, match=r"param_groups\[1\]: lr must be >= 0"):
-        plan.step(arrays(rng, 4), steps, [dict(ADAM_GROUP), {**ADAM_GROUP, "lr": -1.0}])
+        plan.step(arrays(rng, 4), steps, [groups[0], {**groups[1], "lr": -1.0}])
     with pytest.raises(ValueError, match=r"param_groups\[0\]: param group has no 'eps'"):
-        plan.step(arrays(rng, 4), steps, [{k: x for k, x in ADAM_GROUP.items() if k != "eps"}, dict(ADAM_GROUP)])
-    with pytest.raises(ValueError, match="stale plan"):
-        plan.step(arrays(rng, 4), steps, [dict(ADAM_GROUP)])
+        plan.step(arrays(rng, 4), steps, [{k: x for k, x in groups[0].items() if k != "eps"}, groups[1]])
+    # the groups no longer hold the plan's params (one group, a replaced or a missing array): False, nothing written
+    assert plan.step(arrays(rng, 4), steps, [{**ADAM_GROUP, "params": params}]) is False
+    assert plan.step(arrays(rng, 4), steps, [groups[0], {**groups[1], "params": [params[2], params[3].copy()]}]) is False
+    assert plan.step(arrays(rng, 4), steps, [groups[0], dict(ADAM_GROUP)]) is False
     # amsgrad needs max_exp_avg_sq, which this plan does not have: the optimizer must rebuild it.
     with pytest.raises(RuntimeError, match=r"stale plan.*params\[2\] has a gradient but no state"):
-        plan.step(arrays(rng, 4), steps, [dict(ADAM_GROUP), {**ADAM_GROUP, "amsgrad": True}])
+        plan.step(arrays(rng, 4), steps, [groups[0], {**groups[1], "amsgrad": True}])
     assert_same(params + m + v, snapshot)
     assert steps.tolist() == [5, 5, 5, 5]
 
@@ -159,7 +162,7 @@ def test_numpy_labels_name_tensors():
     labels = [f"param_groups[0]['params'][{i}]" for i in range(2)]
     plan, params, *_ = adam_plan(rng, n=2, groups=(2,), labels=labels)
     with pytest.raises(ValueError, match=re.escape("Adam.step(): the gradient of param_groups[0]['params'][1] has shape")):
-        plan.step([np.zeros((3, 5), np.float32), np.zeros(15, np.float32)], np.zeros(2, np.int64), [dict(ADAM_GROUP)])
+        plan.step([np.zeros((3, 5), np.float32), np.zeros(15, np.float32)], np.zeros(2, np.int64), [{**ADAM_GROUP, "params": params}])
     p = arrays(rng, 2)
     with pytest.raises(ValueError, match=re.escape("X.step(): param_groups[0]['params'][1] and exp_avg of param_groups[0]['params'][0] share memory")
                        + "|" + re.escape("X.step(): exp_avg of param_groups[0]['params'][0] and param_groups[0]['params'][1] share memory")):
@@ -174,7 +177,7 @@ def test_numpy_sgd_count_zero_means_new_buffer():
     want_p, want_b = copies(params), copies(bufs)
     steps = np.array([0, 3], dtype=np.int64)  # tensor 0's buffer is new: it becomes the gradient
     grads = arrays(rng, 2)
-    plan.step(grads, steps, [dict(SGD_GROUP)])
+    assert plan.step(grads, steps, [{**SGD_GROUP, "params": params}])
     kw = {k: SGD_GROUP[k] for k in _core._hyper_names("sgd")}
     reference.sgd_step(want_p[0], grads[0], want_b[0], step=1, **kw)
     reference.sgd_step(want_p[1], grads[1], want_b[1], step=4, **kw)

@@ -102,6 +102,25 @@ std::size_t StepPlan::check_groups(py::handle groups) const {
     return static_cast<std::size_t>(Py_SIZE(groups.ptr()));
 }
 
+bool StepPlan::groups_hold_params(py::handle groups) const {
+    static PyObject* const params_key = PyUnicode_InternFromString("params");
+    if (check_groups(groups) != n_groups_) return false;
+    for (std::size_t g = 0, i = 0; g < n_groups_; ++g) {
+        PyObject* group = PySequence_Fast_GET_ITEM(groups.ptr(), g);
+        if (!PyDict_Check(group)) throw_type(fn_ + ": param_groups[" + std::to_string(g) + "] must be a dict, got " + type_name(group));
+        PyObject* ps = PyDict_GetItemWithError(group, params_key);  // borrowed
+        if (ps == nullptr) {
+            if (PyErr_Occurred()) throw py::error_already_set();
+            return false;
+        }
+        if (!(PyList_Check(ps) || PyTuple_Check(ps)) || static_cast<std::size_t>(Py_SIZE(ps)) != group_sizes_[g]) return false;
+        PyObject* const* items = PySequence_Fast_ITEMS(ps);
+        for (std::size_t j = 0; j < group_sizes_[g]; ++j, ++i)
+            if (items[j] != (torch_ ? torch_->t[i].tensor : PyList_GET_ITEM(params_.ptr(), i))) return false;
+    }
+    return true;
+}
+
 void StepPlan::read_hypers(py::handle groups) {
     for (std::size_t g = 0; g < n_groups_; ++g) {
         const Where where{fn_.c_str(), static_cast<std::ptrdiff_t>(g)};
@@ -172,14 +191,12 @@ const char* StepPlan::numpy_grad(std::size_t i, py::handle g) {
     return data;
 }
 
-void StepPlan::step(py::handle grads, py::handle steps, py::handle groups) {
+bool StepPlan::step(py::handle grads, py::handle steps, py::handle groups) {
     const char* fn = fn_.c_str();
     const std::size_t n = entries_.size();
     check_list(grads, fn, "grads", n, true);
     std::int64_t* counts = check_steps_array(steps, fn, n);
-    const std::size_t n_groups = check_groups(groups);
-    if (n_groups != n_groups_)
-        throw_value(fn_ + ": stale plan: " + std::to_string(n_groups) + " param groups, the plan has " + std::to_string(n_groups_));
+    if (!groups_hold_params(groups)) return false;
     read_hypers(groups);
     prefetch();
     for (std::size_t i = 0; i < n; ++i) {
@@ -197,6 +214,7 @@ void StepPlan::step(py::handle grads, py::handle steps, py::handle groups) {
     launch();
     for (std::size_t i = 0; i < n; ++i) counts[i] += stepped_[i];
     ++completed_;
+    return true;
 }
 
 }  // namespace fastadam::bindings

@@ -37,7 +37,8 @@ public:
     // numpy mode: grads aligned with params (None: skip), steps the int64 counts
     // (steps[i] += 1 after the kernel ran for each updated tensor), groups the param-group dicts.
     // A torch-mode plan takes it too (SGD's first step with new momentum buffers: count 0).
-    void step(py::handle grads, py::handle steps, py::handle groups);
+    // false, having written nothing, when the groups no longer hold this plan's params.
+    bool step(py::handle grads, py::handle steps, py::handle groups);
     // torch mode: false, having written nothing, when the plan is stale; true after a step.
     bool torch_step(py::handle groups);
     // Steps this plan has applied, counted with the step itself: after a KeyboardInterrupt
@@ -75,6 +76,8 @@ private:
     };
     ArgName name(Slot slot, std::size_t i) const { return ArgName{fn_.c_str(), slot, i, true, labels_.empty() ? nullptr : &labels_}; }
     std::size_t check_groups(py::handle groups) const;  // a list or tuple; returns its length
+    // The groups hold this plan's params, in order (each group's "params" compared by identity).
+    bool groups_hold_params(py::handle groups) const;
     void read_hypers(py::handle groups);                  // by name through the table, into adam_/sgd_hypers_
     bool state_missing(std::size_t i) const;              // tensor i lacks state its group's hyper-parameters need
     void check_grad_overlap(Entry& e, std::size_t i, const char* data);

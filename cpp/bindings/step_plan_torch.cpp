@@ -18,12 +18,12 @@ namespace fastadam::bindings {
 namespace {
 
 struct Names {
-    PyObject *grad, *params, *dtype, *layout, *is_cpu, *is_neg, *is_contiguous, *shape;
+    PyObject *grad, *dtype, *layout, *is_cpu, *is_neg, *is_contiguous, *shape;
 };
 
 const Names& names() {
-    static const Names n{PyUnicode_InternFromString("grad"),   PyUnicode_InternFromString("params"),
-                         PyUnicode_InternFromString("dtype"),  PyUnicode_InternFromString("layout"),
+    static const Names n{PyUnicode_InternFromString("grad"),   PyUnicode_InternFromString("dtype"),
+                         PyUnicode_InternFromString("layout"),
                          PyUnicode_InternFromString("is_cpu"), PyUnicode_InternFromString("is_neg"),
                          PyUnicode_InternFromString("is_contiguous"), PyUnicode_InternFromString("shape")};
     return n;
@@ -195,20 +195,7 @@ bool StepPlan::torch_step(py::handle groups) {
     if (!torch_) throw_value(fn_ + ": this plan was built without torch=...; call step()");
     const std::size_t n = entries_.size();
     // The same tensors in the same groups (a group's "params" list compared by identity).
-    if (check_groups(groups) != n_groups_) return false;
-    for (std::size_t g = 0, i = 0; g < n_groups_; ++g) {
-        PyObject* group = PySequence_Fast_GET_ITEM(groups.ptr(), g);
-        if (!PyDict_Check(group)) throw_type(fn_ + ": param_groups[" + std::to_string(g) + "] must be a dict, got " + type_name(group));
-        PyObject* ps = PyDict_GetItemWithError(group, names().params);  // borrowed
-        if (ps == nullptr) {
-            if (PyErr_Occurred()) throw py::error_already_set();
-            return false;
-        }
-        if (!(PyList_Check(ps) || PyTuple_Check(ps)) || static_cast<std::size_t>(Py_SIZE(ps)) != group_sizes_[g]) return false;
-        PyObject* const* items = PySequence_Fast_ITEMS(ps);
-        for (std::size_t j = 0; j < group_sizes_[g]; ++j, ++i)
-            if (items[j] != torch_->t[i].tensor) return false;
-    }
+    if (!groups_hold_params(groups)) return false;
     read_hypers(groups);  // which state a step needs depends on them (amsgrad, momentum)
     prefetch();
     for (std::size_t i = 0; i < n; ++i) {

@@ -36,8 +36,8 @@ class Algorithm:
         return self.state_keys[: self.needed(group)]
 
 
-ADAM = Algorithm("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), True, lambda g: 3 if g["amsgrad"] else 2)
-SGD = Algorithm("sgd", ("momentum_buffer",), False, lambda g: 1 if g["momentum"] != 0 else 0)
+ADAM = Algorithm("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), True, lambda g: 3 if g.get("amsgrad") else 2)
+SGD = Algorithm("sgd", ("momentum_buffer",), False, lambda g: 1 if g.get("momentum", 0) != 0 else 0)
 
 
 def check_group(algorithm: Algorithm, group: Mapping[str, Any], where: str) -> None:

@@ -162,14 +162,19 @@ class Optimizer:
             created = Rollback()
             needs = [self._algorithm.needed_keys(group) for group in self.param_groups]
             try:
-                if needs != self._complete_for:
-                    self._create_state(grad_list, needs, created)
-                if self._plan is None:
-                    states = [list(self._buffers[k]) for k in self._state_keys]
-                    self._plan = _core._StepPlan(
-                        self._algorithm.kind, self._step_name, list(self._params), states, list(self._group_sizes)
-                    )
-                self._plan.step(grad_list, self._steps, self.param_groups)
+                for attempt in range(2):
+                    if needs != self._complete_for:
+                        self._create_state(grad_list, needs, created)
+                    if self._plan is None:
+                        states = [list(self._buffers[k]) for k in self._state_keys]
+                        self._plan = _core._StepPlan(
+                            self._algorithm.kind, self._step_name, list(self._params), states, list(self._group_sizes)
+                        )
+                    if self._plan.step(grad_list, self._steps, self.param_groups):
+                        break
+                    if attempt:
+                        raise RuntimeError(f"{self._step_name}: internal error: a plan built for this step found it stale")
+                    self._adopt_param_groups()  # nothing was written: the groups hold other arrays
             except BaseException:
                 # A rejected step leaves no trace, not even fresh state; a step that happened
                 # (then interrupted, as by Ctrl-C, on its way out) keeps the state it created.
@@ -178,6 +183,34 @@ class Optimizer:
                     self._plan = None
                 self._complete_for = None
                 raise
+
+    def _adopt_param_groups(self) -> None:
+        """Takes the arrays the param groups hold now: one replaced in ``param_groups[g]["params"]``
+        starts with fresh state, as in torch.optim; other changes raise ValueError."""
+        name = self._step_name
+        if len(self.param_groups) != len(self._group_sizes):
+            raise ValueError(
+                f"{name}: param_groups has {len(self.param_groups)} groups, the optimizer {len(self._group_sizes)}: "
+                "add a group with add_param_group(), which fills in its defaults and checks it"
+            )
+        arrays: list[np.ndarray] = []
+        for g, (group, size) in enumerate(zip(self.param_groups, self._group_sizes)):
+            params = group.get("params")
+            if not isinstance(params, (list, tuple)) or len(params) != size:
+                raise ValueError(
+                    f"{name}: param_groups[{g}]['params'] must stay a list of {size} arrays; add params with "
+                    "add_param_group(), or build a new optimizer"
+                )
+            arrays.extend(params)
+        _core._check_params(arrays, name)  # dtypes, layout, and no array given twice
+        for i, (new, old) in enumerate(zip(arrays, self._params)):
+            if new is not old:
+                for key in self._state_keys:
+                    self._buffers[key][i] = None
+                self._steps[i] = 0
+        self._params = arrays
+        self._plan = None
+        self._complete_for = None
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy and pickle: the native plan and the guard are rebuilt, not copied.

@@ -529,7 +529,8 @@ class _NativeOptimizer(torch.optim.Optimizer):
         updated = tuple(p for p, g in zip(tensors, grads) if g is not None)
         if _increment_version is not None and updated:
             _increment_version(updated)  # before, as torch_step does: an interrupt cannot skip it
-        plan.step(grads, counts, self.param_groups)
+        if not plan.step(grads, counts, self.param_groups):
+            raise RuntimeError(f"{self._step_name}: internal error: a plan built for this step found it stale")
 
     # ----- state ------------------------------------------------------------------------
 
