@@ -93,3 +93,21 @@ def test_interpreter_exit_while_a_daemon_thread_steps(kind):
     for _ in range(3):  # the thread is inside a step at exit nearly every time
         out = subprocess.run([sys.executable, "-c", DAEMON, kind], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout == "exiting\n", (out.returncode, out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/task and the affinity mask: Linux")
+def test_more_threads_than_cpus_starts_no_more_workers_than_cpus():
+    # set_num_threads(64) on 2 CPUs started 63 spinning workers: steps 20 times slower.
+    code = (
+        "import os, numpy as np, fastadam\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "fastadam.set_num_threads(64)\n"
+        "p = np.zeros(2_000_000, np.float32); o = fastadam.Adam([p], lr=1e-3)\n"
+        "for _ in range(20): o.step([np.ones_like(p)])\n"
+        "print(len(os.listdir('/proc/self/task')) - before, len(os.sched_getaffinity(0)), fastadam.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    started, cpus, threads = map(int, out.stdout.split())
+    assert threads == 64  # what was asked for stays what get_num_threads() says
+    assert started <= cpus - 1, f"{started} workers started for {cpus} CPUs"

@@ -74,8 +74,8 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
         if (n < 0) fb::throw_value("set_num_threads(): n must be >= 1, or 0 to restore the default");
         fastadam::set_num_threads(n);
     }, py::arg("n"),
-          "Use at most n OpenMP threads per step (n >= 1), or 0 to follow OpenMP's default (OMP_NUM_THREADS, else all cores). "
-          "Results are bit-identical for every n.");
+          "Use at most n threads per step (n >= 1), or 0 to follow OpenMP's default (OMP_NUM_THREADS, else all cores). "
+          "A step never uses more threads than the CPUs this process may run on. Results are bit-identical for every n.");
     m.def("get_num_threads", &fastadam::get_num_threads, "The number of threads a large step uses.");
     m.def("has_openmp", &fastadam::has_openmp, "Whether this build has OpenMP (else every step runs on one thread).");
     m.attr("min_elements_per_thread") = fastadam::kMinElementsPerThread;
