@@ -47,6 +47,9 @@ assert c.__file__.startswith('$work/site/'), c.__file__
 print('ISAs:', fastadam.available_isas(), 'selected:', fastadam.get_isa())"
 python -m pytest -q -p no:cacheprovider -x \
   tests/test_exactness.py tests/test_bad_input.py tests/test_optim.py || { report; exit 1; }
+echo "-- the plan, the stateful test and the interrupted steps (NumPy; torch is not loaded under ASan)"
+python -m pytest -q -p no:cacheprovider -x -k "not torch" \
+  tests/test_plan.py tests/test_stateful.py tests/test_interrupts.py || { report; exit 1; }
 echo "-- again with the baseline path forced (the SSE2/NEON kernel)"
 FASTADAM_ISA=baseline python -m pytest -q -p no:cacheprovider -x tests/test_exactness.py tests/test_optim.py || { report; exit 1; }
 unset LD_PRELOAD
