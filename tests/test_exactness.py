@@ -420,3 +420,55 @@ def test_no_read_outside_the_arrays():
     assert result.returncode == 0 and result.stdout.strip() == "ok", (
         f"exit {result.returncode} (a negative exit is the signal number): {result.stderr[-2000:]}"
     )
+
+
+SPECIALS = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -2.5, 1e-40], dtype=np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("variant", ["l2-maximize", "amsgrad-l2-maximize"])
+def test_nan_signs_with_l2_decay_and_maximize_are_the_same_on_every_path(dtype, variant):
+    # Bit for bit, NaNs included (the other tests compare NaNs by position only): every pair
+    # of special gradients over two steps, from special params. Compilers turned torch's
+    # (-g) + wd*p into wd*p - g on some paths only (a NaN gradient then kept its sign there
+    # and lost it elsewhere); the kernel writes the subtraction. Where two NaNs meet in one
+    # operation, which one propagates is not the same on every path (docs/design.md).
+    kwargs = {
+        "l2-maximize": {"weight_decay": 0.1, "maximize": True},
+        "amsgrad-l2-maximize": {"weight_decay": 0.1, "maximize": True, "amsgrad": True},
+    }[variant]
+    g1, g2, p0 = (a.ravel().astype(dtype) for a in np.meshgrid(SPECIALS, SPECIALS, SPECIALS[[0, 2, 4, 6]], indexing="ij"))
+    n = g1.size
+    results = {}
+    for isa in ["reference"] + list(fastadam.available_isas()):
+        state = [p0.copy(), np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, dtype)]
+        step = reference.adam_step if isa == "reference" else fastadam.adam_step
+        if isa != "reference":
+            fastadam.set_isa(isa)
+        with np.errstate(all="ignore"):
+            for t, g in enumerate((g1, g2), start=1):
+                step(state[0], g, state[1], state[2], step=t, lr=1e-3,
+                     max_exp_avg_sq=state[3] if kwargs.get("amsgrad") else None, **kwargs)
+        results[isa] = state
+    for isa, state in results.items():
+        for name, got, want in zip(["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], state, results["reference"]):
+            assert same_bits(got, want), f"{isa} {name}: {first_difference(got, want)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("kwargs", [{"weight_decay": 0.1, "maximize": True},
+                                    {"momentum": 0.9, "weight_decay": 0.1, "maximize": True}], ids=str)
+def test_sgd_nan_signs_with_weight_decay_and_maximize_are_the_same_on_every_path(dtype, kwargs):
+    g1, p0 = (a.ravel().astype(dtype) for a in np.meshgrid(SPECIALS, SPECIALS[[0, 2, 4, 6]], indexing="ij"))
+    results = {}
+    for isa in ["reference"] + list(fastadam.available_isas()):
+        p, buf = p0.copy(), np.zeros_like(p0)
+        step = reference.sgd_step if isa == "reference" else fastadam.sgd_step
+        if isa != "reference":
+            fastadam.set_isa(isa)
+        with np.errstate(all="ignore"):
+            for t in (1, 2):
+                step(p, g1, buf if kwargs.get("momentum") else None, step=t, lr=0.1, **kwargs)
+        results[isa] = (p, buf)
+    for isa, (p, buf) in results.items():
+        assert same_bits(p, results["reference"][0]) and same_bits(buf, results["reference"][1]), isa

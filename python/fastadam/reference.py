@@ -21,9 +21,9 @@ Rounding rules, shared with the C++ kernel:
 
 Adam, per element (``T`` = the arrays' dtype, ``t`` = ``step``)::
 
-    g = -grad if maximize else grad
+    g = -grad if maximize else grad                   # (not with L2 decay: next line)
+    g = T(weight_decay) * p - grad if maximize else grad + T(weight_decay) * p   # Adam (L2), weight_decay != 0
     p = p * T(1 - lr*weight_decay)                    # AdamW (decoupled), weight_decay != 0
-    g = g + T(weight_decay) * p                       # Adam (L2),         weight_decay != 0
     m = m + T(1 - beta1) * (g - m)                    # exp_avg, |T(1 - beta1)| < 0.5  (torch's lerp)
     m = g + (-(T(1) - T(1 - beta1))) * (g - m)        # exp_avg, otherwise (lerp's other form)
     v = v * T(beta2) + T(1 - beta2) * g * g           # exp_avg_sq   ((T(1-beta2)*g)*g)
@@ -33,8 +33,8 @@ Adam, per element (``T`` = the arrays' dtype, ``t`` = ``step``)::
 
 SGD, per element (torch.optim.SGD)::
 
-    g = -grad if maximize else grad
-    g = g + T(weight_decay) * p                       # weight_decay != 0
+    g = -grad if maximize else grad                   # (not with weight decay: next line)
+    g = T(weight_decay) * p - grad if maximize else grad + T(weight_decay) * p   # weight_decay != 0
     buf = g                                           # momentum != 0, first step
     buf = buf * T(momentum) + T(1 - dampening) * g    # momentum != 0, later steps
     g = g + T(momentum) * buf if nesterov else buf    # momentum != 0
@@ -82,12 +82,15 @@ def adam_step(
     step_size = T(lr / bias_correction1)
     inv_bias_correction2_sqrt = T(1 / math.sqrt(bias_correction2))
 
-    g = np.negative(grad) if maximize else grad
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            np.multiply(param, T(1 - lr * weight_decay), out=param)
-        else:
-            g = g + T(weight_decay) * param
+    # torch: g = -grad; g = g + wd*p. With L2 decay written wd*p - grad: the same number,
+    # and the NaN sign every compiled path gives (docs/design.md, "The formula").
+    l2 = weight_decay != 0 and not decoupled_weight_decay
+    if l2:
+        g = T(weight_decay) * param - grad if maximize else grad + T(weight_decay) * param
+    else:
+        g = np.negative(grad) if maximize else grad
+    if weight_decay != 0 and decoupled_weight_decay:
+        np.multiply(param, T(1 - lr * weight_decay), out=param)
 
     weight = T(1 - beta1)
     if abs(weight) < 0.5:
@@ -125,9 +128,10 @@ def sgd_step(
     set to the gradient (torch creates it as a copy of the gradient), later blended.
     """
     T = param.dtype.type
-    g = np.negative(grad) if maximize else grad
-    if weight_decay != 0:
-        g = g + T(weight_decay) * param
+    if weight_decay != 0:  # as in adam_step
+        g = T(weight_decay) * param - grad if maximize else grad + T(weight_decay) * param
+    else:
+        g = np.negative(grad) if maximize else grad
     if momentum != 0:
         if momentum_buffer is None:
             raise ValueError("sgd_step(): momentum_buffer is required with momentum != 0")

@@ -68,9 +68,12 @@ inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTAD
     } else {
         L::loads_before_stores(g, p, m_prev, v_prev);
     }
-    if (MAXIMIZE) g = -g;
+    // maximize with L2 decay: wd*p - g, which equals torch's (-g) + wd*p for every number;
+    // written so because compilers fold that into this subtraction on some paths and
+    // not others, which gave NaNs of different signs (types.hpp's order, design.md).
+    if (WD == WeightDecay::l2) g = MAXIMIZE ? c.weight_decay * p - g : g + c.weight_decay * p;
+    else if (MAXIMIZE) g = -g;
     if (WD == WeightDecay::decoupled) p = p * c.decay_factor;
-    if (WD == WeightDecay::l2) g = g + c.weight_decay * p;
     // torch's lerp(exp_avg, g, w), w = 1 - beta1, in its form for |w| (types.hpp, lerp_weight)
     const V d = g - m_prev;
     const V m = LERP_FROM_GRAD ? g + c.lerp_weight * d : m_prev + c.lerp_weight * d;
@@ -305,9 +308,10 @@ void sgd_loop(const SgdTensor<T>& t, const SgdScalars<T>& s, std::int64_t begin,
     T* FASTADAM_RESTRICT buf = t.momentum_buffer;
     const SgdScalars<T> c = s;
     for (std::int64_t i = begin; i < end; ++i) {
-        T g = MAXIMIZE ? -grad[i] : grad[i];
         const T p = param[i];
-        if (L2) g = g + c.weight_decay * p;
+        T g = grad[i];
+        if (L2) g = MAXIMIZE ? c.weight_decay * p - g : g + c.weight_decay * p;  // as in adam_moments
+        else if (MAXIMIZE) g = -g;
         if (MOMENTUM != 0) {
             const T b = MOMENTUM == 1 ? g : buf[i] * c.momentum + c.one_minus_dampening * g;
             buf[i] = b;
