@@ -70,7 +70,7 @@ inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTAD
     }
     // maximize with L2 decay: wd*p - g, which equals torch's (-g) + wd*p for every number;
     // written so because compilers fold that into this subtraction on some paths and
-    // not others, which gave NaNs of different signs (types.hpp's order, design.md).
+    // not others, which gave NaNs of different signs (docs/design.md, "The formula").
     if (WD == WeightDecay::l2) g = MAXIMIZE ? c.weight_decay * p - g : g + c.weight_decay * p;
     else if (MAXIMIZE) g = -g;
     if (WD == WeightDecay::decoupled) p = p * c.decay_factor;
@@ -117,8 +117,9 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
 // bounds the step in cache (it also does the division), the FMA units carry most of
 // the rest, so moving a share of the square roots balances the two. On this
 // project's Zen 4 machine 2:1 was fastest of the splits measured with the pipelined
-// loop below, and on Zen 5 fastest or level (docs/performance.md, the split A/B). Groups of more than three vectors carry more halves from one
-// group to the next than the 32 vector registers hold beside the constants, and spill,
+// loop below, and on Zen 5 fastest or level (docs/performance.md, the split A/B).
+// Groups of more than three vectors carry more halves from one group to the next than
+// the 32 vector registers hold beside the constants, and spill,
 // on any AVX-512 CPU. Both are build-time settings (-DFASTADAM_FMA_VECTORS=2 ...).
 #ifndef FASTADAM_DIVIDER_VECTORS
 #define FASTADAM_DIVIDER_VECTORS 2
