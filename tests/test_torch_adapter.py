@@ -570,8 +570,8 @@ def _grad(torch, kind):
 
 BAD_GRADS = {
     "sparse": (TypeError, r"not a dense tensor.*torch\.optim"),
-    "transposed": (ValueError, r"not contiguous"),
-    "strided": (ValueError, r"not contiguous"),
+    "transposed": (ValueError, r"not contiguous.*p\.grad = p\.grad\.contiguous\(\)"),  # the gradient's fix
+    "strided": (ValueError, r"not contiguous.*p\.grad = p\.grad\.contiguous\(\)"),
 }
 
 

@@ -104,7 +104,7 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _tensor_error(t: object, what: str, torch_name: str) -> Exception:
+def _tensor_error(t: object, what: str, torch_name: str, fix: str = "param.data = param.data.contiguous(), before the optimizer is created or its state loaded") -> Exception:
     """The error for a tensor fastadam cannot update in place (called once a check failed)."""
     if not isinstance(t, torch.Tensor):
         return TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
@@ -132,8 +132,7 @@ def _tensor_error(t: object, what: str, torch_name: str) -> Exception:
     if not t.is_contiguous():
         return ValueError(
             f"{desc} is not contiguous (strides {t.stride()}): fastadam updates memory in place and never a "
-            "temporary copy; make it contiguous first (param.data = param.data.contiguous(), before the optimizer "
-            "is created or its state loaded)"
+            f"temporary copy; make it contiguous first ({fix})"
         )
     if t.is_neg():
         return ValueError(f"{desc} is a negative view (torch._neg_view): call .resolve_neg() first")
@@ -159,7 +158,7 @@ def _grad_error(step_name: str, torch_name: str, p: torch.Tensor, label: str, gr
             return TypeError(f"{what} has dtype {grad.dtype}, the parameter {p.dtype}: they must match")
         if grad.shape != p.shape:
             return ValueError(f"{what} has shape {tuple(grad.shape)}, the parameter {tuple(p.shape)}: they must match")
-    return _tensor_error(grad, what, torch_name)
+    return _tensor_error(grad, what, torch_name, fix="p.grad = p.grad.contiguous()")
 
 
 # ----- state that tells the optimizer when it changes ------------------------------------
