@@ -11,7 +11,8 @@ THREADS = [1, 2, 3]
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.uint32 if a.dtype == np.float32 else np.uint64).ravel()
+    unsigned = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]  # bfloat16 and float16: 2
+    return np.ascontiguousarray(a).view(unsigned).ravel()
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -224,7 +224,7 @@ class Kind(NamedTuple):
 
 
 LAYOUT = r"C-contiguous.*ascontiguousarray"
-DTYPE = r"float32 and float64"
+DTYPE = r"float32 and float64|share one dtype, float32 or float64|float32, float64, bfloat16 \(ml_dtypes.bfloat16\) and float16"
 NOT_ARRAY = r"numpy\.ndarray.*ascontiguousarray"
 KINDS: dict[str, Kind] = {
     "strided": Kind(_strided, ValueError, LAYOUT, "any"),
@@ -242,7 +242,7 @@ KINDS: dict[str, Kind] = {
     "none": Kind(lambda a: None, TypeError, NOT_ARRAY, "any"),
     "read-only": Kind(_read_only, ValueError, r"read-only.*writeable", "written"),
     "broadcast-to": Kind(lambda a: np.broadcast_to(a.copy(), a.shape), ValueError, r"read-only.*writeable", "written"),
-    "mixed-dtype": Kind(_other_float, TypeError, r"share one dtype", "paired"),
+    "mixed-dtype": Kind(_other_float, TypeError, r"share one dtype|a gradient has its param.s dtype", "paired"),
     "other-size": Kind(lambda a: a[:2].copy(), ValueError, r"same shape", "paired"),
     "same-size-other-shape": Kind(lambda a: a.reshape(2, 8).copy(), ValueError, r"same shape", "paired"),
     "flat": Kind(lambda a: a.ravel().copy(), ValueError, r"same shape", "paired"),
@@ -250,9 +250,13 @@ KINDS: dict[str, Kind] = {
 OPTIONAL = {"max_exp_avg_sq", "momentum_buffer"}  # None means "absent": required here, so ValueError
 
 
-def expected(kind: str, slot: str) -> tuple[type[Exception], str]:
+def expected(kind: str, slot: str, adam: bool = False) -> tuple[type[Exception], str]:
     if kind == "none" and slot in OPTIONAL:
         return ValueError, r"required"
+    if kind == "float16" and adam:
+        # Adam's functions take float16 (mixed precision, test_mixed_precision.py): here
+        # it breaks the pairing with the float32 arrays, and the message gives the rule.
+        return TypeError, r"a gradient has its param's dtype|state arrays share one dtype"
     return KINDS[kind].exc, KINDS[kind].hint
 
 
@@ -283,13 +287,14 @@ FUNCTIONAL = {
 
 @pytest.mark.parametrize(
     "api, slot, kind",
-    [(api, slot, kind) for api, (_, _, slots) in FUNCTIONAL.items() for slot in slots for kind in kinds_for(slot)],
+    [(api, slot, kind) for api, (_, _, slots) in FUNCTIONAL.items() for slot in slots for kind in kinds_for(slot)
+     if not (api == "adam_step" and slot == "grad" and kind == "float16")],  # a float16 grad of a float32 param is valid
 )
 def test_bad_buffer_functional(api, slot, kind):
     make, call, _ = FUNCTIONAL[api]
     arrays = make(np.random.default_rng(0))
     arrays[slot] = KINDS[kind].make(arrays[slot])
-    exc, hint = expected(kind, slot)
+    exc, hint = expected(kind, slot, adam=api == "adam_step")
     # Blamed first ("adam_step(): param ...") or as the array another fails to match
     # ("adam_step(): grad has dtype float32 but param has dtype float64").
     blamed = re.escape(f"{api}(): {slot}") + r"\b|\bbut " + re.escape(slot) + r" has\b"
@@ -301,7 +306,7 @@ def test_bad_buffer_functional(api, slot, kind):
 MULTI_SLOTS = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
 
 
-@pytest.mark.parametrize("slot, kind", [(s, k) for s in MULTI_SLOTS for k in kinds_for(s[:-1])])
+@pytest.mark.parametrize("slot, kind", [(s, k) for s in MULTI_SLOTS for k in kinds_for(s[:-1]) if (s, k) != ("grads", "float16")])
 def test_bad_5th_buffer_multi_changes_no_tensor(slot, kind):
     """adam_step_multi validates all 8 tensors before writing any; then a valid call works."""
     rng = np.random.default_rng(1)
@@ -309,7 +314,7 @@ def test_bad_5th_buffer_multi_changes_no_tensor(slot, kind):
     twin = {k: [a.copy() for a in v] for k, v in arrays.items()}
     good = arrays[slot][BAD]
     arrays[slot][BAD] = KINDS[kind].make(good)
-    exc, hint = expected(kind, slot[:-1])
+    exc, hint = expected(kind, slot[:-1], adam=True)
     blamed = re.escape(f"adam_step_multi(): {slot}[{BAD}]") + r"|\bbut " + re.escape(f"{slot}[{BAD}]") + r" has\b"
     info = assert_rejected(exc, blamed, lambda: call_multi(arrays), arrays)
     assert str(info.value).count("adam_step_multi():") == 1, str(info.value)

@@ -19,6 +19,11 @@ import fastadam
 
 STEPS = 100
 TOL = {"float32": 1e-4, "float64": 1e-12}
+# torch's SGD with momentum adds with alpha through ATen's vectorised fmadd (one rounding
+# where fastadam, like torch's scalar kernel, has two); over 100 steps that drifts to
+# 2.4e-4 at step 87 on an Intel Xeon with AVX-512 FP16 (within 1e-4 under
+# ATEN_CPU_CAPABILITY=default), while Adam's steps keep within 1e-4 there.
+SGD_FLOAT32_TOL = 1e-3
 FLOOR = 1e-3  # relative error is taken against max(|torch's value|, FLOOR)
 DTYPE_NAMES = ["float32", "float64"]
 
@@ -87,10 +92,12 @@ class Task:
 
 
 def assert_close(fast_model, ref_model, dtype_name, where):
+    sgd = where.startswith(("momentum", "nesterov"))
+    tol = SGD_FLOAT32_TOL if sgd and dtype_name == "float32" else TOL[dtype_name]
     for (name, a), b in zip(fast_model.named_parameters(), ref_model.parameters()):
         a, b = a.detach().numpy(), b.detach().numpy()
         err = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), FLOOR)))
-        assert err <= TOL[dtype_name], f"{where}: {name} differs from torch's by {err:.3g} (relative)"
+        assert err <= tol, f"{where}: {name} differs from torch's by {err:.3g} (relative)"
 
 
 def make_pair(torch, ft, task, case, fast_model=None, ref_model=None):

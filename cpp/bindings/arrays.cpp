@@ -12,8 +12,8 @@ void throw_value(const std::string& msg) { throw py::value_error(msg); }
 std::string type_name(py::handle h) { return Py_TYPE(h.ptr())->tp_name; }
 
 namespace {
-const char* const kSingular[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step", "steps"};
-const char* const kPlural[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers", "steps", "steps"};
+const char* const kSingular[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step", "steps", "param_out"};
+const char* const kPlural[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers", "steps", "steps", "params_out"};
 
 bool native_byte_order(char order) {
     static const bool little_endian = [] {
@@ -37,7 +37,40 @@ std::string ArgName::bare() const {
     return multi ? std::string(kPlural[slot]) + "[" + std::to_string(index) + "]" : kSingular[slot];
 }
 
-const char* dtype_name(DType d) { return d == DType::f32 ? "float32" : "float64"; }
+const char* dtype_name(DType d) {
+    switch (d) {
+        case DType::f32: return "float32";
+        case DType::f64: return "float64";
+        case DType::bf16: return "bfloat16";
+        case DType::f16: return "float16";
+    }
+    return "?";
+}
+
+namespace {
+// ml_dtypes.bfloat16, once an array of it is seen (ml_dtypes is then imported): the
+// core needs only NumPy, and NumPy numbers such user dtypes at run time.
+bool is_bfloat16(const py::dtype& dt) {
+    static PyObject* bfloat16_type = nullptr;  // kept alive by ml_dtypes' module, never unloaded
+    const PyObject* type = reinterpret_cast<const PyObject*>(py::detail::array_descriptor_proxy(dt.ptr())->typeobj);
+    if (bfloat16_type != nullptr) return type == bfloat16_type;
+    if (dt.num() < 256) return false;  // NPY_USERDEF
+    PyObject* module = PyImport_GetModule(py::str("ml_dtypes").ptr());
+    if (module == nullptr) {
+        PyErr_Clear();
+        return false;
+    }
+    PyObject* found = PyObject_GetAttrString(module, "bfloat16");
+    Py_DECREF(module);
+    if (found == nullptr) {
+        PyErr_Clear();
+        return false;
+    }
+    bfloat16_type = found;  // a new reference, kept
+    return type == bfloat16_type;
+}
+constexpr int kNpyHalf = 23;  // NPY_HALF
+}  // namespace
 
 std::string shape_str(const py::array& a) {
     std::string s = "(";
@@ -45,9 +78,10 @@ std::string shape_str(const py::array& a) {
     return s + ")";
 }
 
-Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
+Buffer check_array(py::handle h, const ArgName& arg, bool writable, bool narrow_ok) {
     if (!py::isinstance<py::array>(h))
-        throw_type(arg.str() + " must be a numpy.ndarray of float32 or float64, got " + type_name(h) +
+        throw_type(arg.str() + " must be a numpy.ndarray of " + (narrow_ok ? "float32, float64, bfloat16 or float16" : "float32 or float64") +
+                   ", got " + type_name(h) +
                    "; create the array once with numpy.ascontiguousarray(x, dtype=numpy.float32) and keep "
                    "passing that array (fastadam works in place and never updates a copy)");
     auto a = py::reinterpret_borrow<py::array>(h);
@@ -56,9 +90,16 @@ Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
     const int num = dt.num();
     if (num == py::detail::npy_api::NPY_FLOAT_) b.dtype = DType::f32;
     else if (num == py::detail::npy_api::NPY_DOUBLE_) b.dtype = DType::f64;
+    else if (num == kNpyHalf) b.dtype = DType::f16;
+    else if (is_bfloat16(dt)) b.dtype = DType::bf16;
     else
         throw_type(arg.str() + " has dtype " + std::string(py::str(dt)) +
-                   "; fastadam supports float32 and float64 (a parameter, its gradient and its state share one dtype)");
+                   (narrow_ok ? "; fastadam's Adam takes float32, float64, bfloat16 (ml_dtypes.bfloat16) and float16"
+                              : "; fastadam supports float32 and float64 (a parameter, its gradient and its state share one dtype)"));
+    if (!narrow_ok && is_narrow(b.dtype))
+        throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) +
+                   "; only fastadam.adam_step and adam_step_multi take bfloat16/float16 arrays (the optimizers do not yet); "
+                   "here a parameter, its gradient and its state share one dtype, float32 or float64");
     if (!native_byte_order(dt.byteorder()))
         throw_type(arg.str() + " has non-native byte order (dtype " + std::string(py::str(dt.attr("str"))) +
                    "); convert it once with x.astype(x.dtype.newbyteorder('=')) and keep that array");
@@ -78,8 +119,8 @@ Buffer check_array(py::handle h, const ArgName& arg, bool writable) {
     return b;
 }
 
-void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg) {
-    if (b.dtype != ref.dtype)
+void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg, bool any_dtype) {
+    if (!any_dtype && b.dtype != ref.dtype)
         throw_type(arg.str() + " has dtype " + dtype_name(b.dtype) + " but " + ref_arg.bare() + " has dtype " +
                    dtype_name(ref.dtype) + "; a parameter, its gradient and its state must share one dtype");
     auto a = py::reinterpret_borrow<py::array>(b.obj), r = py::reinterpret_borrow<py::array>(ref.obj);
@@ -121,18 +162,18 @@ const std::vector<Footprint::Range>& Footprint::sorted_written() const {
 void Footprint::overlap(const Range& a, const Range& b) const {
     throw_value(ArgName{fn_, a.slot, a.tensor, multi_, labels_}.str() + " and " + ArgName{fn_, b.slot, b.tensor, multi_, labels_}.bare() +
                 " share memory; every written buffer (param, exp_avg, exp_avg_sq, max_exp_avg_sq, "
-                "momentum_buffer, step) must be its own array, and no gradient may overlap one");
+                "momentum_buffer, param_out, step) must be its own array, and no gradient may overlap one");
 }
 
 // ----- tensors -------------------------------------------------------------------------
 
 void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
-                     Footprint& footprint, Buffer* out) {
+                     Footprint& footprint, Buffer* out, bool mixed) {
     const ArgName param_name{fn, slots[0], i, multi};
     for (int k = 0; k < n; ++k) {
         const ArgName arg{fn, slots[k], i, multi};
-        out[k] = check_array(handles[k], arg, slots[k] != kGrad);
-        if (k > 0) check_same_shape(out[k], out[0], arg, param_name);
+        out[k] = check_array(handles[k], arg, slots[k] != kGrad, mixed);
+        if (k > 0) check_same_shape(out[k], out[0], arg, param_name, mixed);
     }
     for (int k = 0; k < n; ++k) footprint.add(out[k], slots[k], i);
 }

@@ -18,7 +18,7 @@ namespace py = pybind11;
 [[noreturn]] void throw_value(const std::string& msg);
 std::string type_name(py::handle h);
 
-enum Slot { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMomentumBuffer, kStep, kSteps /* one int for all tensors */ };
+enum Slot { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kMomentumBuffer, kStep, kSteps /* one int for all tensors */, kParamOut };
 
 // Names an argument as the user wrote it ("adam_step(): grad", "adam_step_multi():
 // grads[3]"), or through a caller's labels ("...: the gradient of param_groups[0]['params'][3]").
@@ -34,8 +34,11 @@ struct ArgName {
     std::string bare() const;
 };
 
-enum class DType { f32, f64 };
+// bf16 is ml_dtypes.bfloat16, f16 NumPy's float16: the 2-byte storages of mixed
+// precision, taken by the Adam functions only.
+enum class DType { f32, f64, bf16, f16 };
 const char* dtype_name(DType d);
+inline bool is_narrow(DType d) { return d == DType::bf16 || d == DType::f16; }
 
 // A validated array: where it is, how big, what type.
 struct Buffer {
@@ -47,9 +50,11 @@ struct Buffer {
 };
 
 std::string shape_str(const py::array& a);
-// A float32/float64 ndarray, native byte order, C-contiguous, aligned (and writeable if `writable`).
-Buffer check_array(py::handle h, const ArgName& arg, bool writable);
-void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg);
+// A float32/float64 ndarray (or bfloat16/float16 where `narrow_ok`), native byte order,
+// C-contiguous, aligned (and writeable if `writable`).
+Buffer check_array(py::handle h, const ArgName& arg, bool writable, bool narrow_ok = false);
+// Same shape and (unless `any_dtype`) the same dtype as ref.
+void check_same_shape(const Buffer& b, const Buffer& ref, const ArgName& arg, const ArgName& ref_arg, bool any_dtype = false);
 
 inline py::handle item(py::handle seq, std::size_t i) { return PySequence_Fast_GET_ITEM(seq.ptr(), static_cast<Py_ssize_t>(i)); }
 // A list or tuple (of `expected` entries when has_expected); returns its length.
@@ -115,8 +120,9 @@ private:
 
 // Validates tensor i's arrays, `handles` in `slots` order (param first: the reference
 // for dtype and shape; then grad; then written state), and records their memory.
+// With `mixed`, the dtypes may differ (bfloat16/float16 included) and the caller checks their pairing.
 void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
-                     Footprint& footprint, Buffer* out);
+                     Footprint& footprint, Buffer* out, bool mixed = false);
 
 // An optional state buffer (max_exp_avg_sq, momentum_buffer): required exactly when
 // `needed`. Returns whether it takes part.

@@ -5,6 +5,7 @@
 // step on a thousand elements. Every array is validated before the first write.
 #include "functional.hpp"
 
+#include <cmath>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -24,7 +25,7 @@ namespace {
 // from call sites are interned strings, so pointer comparison finds them.
 class Keywords {
 public:
-    static constexpr int kMax = 16;
+    static constexpr int kMax = 20;
 
     template <class H>
     static Keywords with_hypers(const char* fn, std::initializer_list<const char*> own, int positional, int required) {
@@ -71,11 +72,16 @@ private:
 };
 
 // Runs `body` and turns C++ exceptions into Python ones, for METH_FASTCALL entry points.
+// A body returning py::object returns that; a void one returns None.
 template <class Body>
 PyObject* guarded(Body&& body) {
     try {
-        body();
-        Py_RETURN_NONE;
+        if constexpr (std::is_void_v<decltype(body())>) {
+            body();
+            Py_RETURN_NONE;
+        } else {
+            return body().release().ptr();
+        }
     } catch (py::error_already_set& e) {
         e.restore();
     } catch (const py::builtin_exception& e) {
@@ -104,20 +110,74 @@ std::int64_t check_step(py::handle h, const ArgName& arg) {
     return static_cast<std::int64_t>(v);
 }
 
+// A positive finite real (grad_scale, max_grad_norm), or nullopt for None / absent.
+double check_positive(py::handle h, const char* fn, const char* name, const char* what) {
+    PyObject* o = h.ptr();
+    const double v = PyBool_Check(o) ? -1.0 : PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw_type(std::string(fn) + ": " + name + " must be a real number (" + what + "), got " + type_name(h));
+    }
+    if (PyBool_Check(o) || !(v > 0.0) || !std::isfinite(v))
+        throw_value(std::string(fn) + ": " + name + " must be a finite number > 0 (" + what + "), got " + py::repr(h).cast<std::string>());
+    return v;
+}
+
+Storage storage_of(DType d) { return d == DType::bf16 ? Storage::bfloat16 : d == DType::f16 ? Storage::float16 : Storage::float32; }
+
+// Mixed precision's dtype pairings (docs/design.md, "Mixed precision"): b = param, grad,
+// the `states` state arrays, then param_out when has_out.
+void check_adam_dtypes(const Buffer* b, int states, bool has_out, const char* fn, std::size_t i, bool multi) {
+    const DType p = b[0].dtype, g = b[1].dtype;
+    const auto name = [&](Slot slot) { return ArgName{fn, slot, i, multi}; };
+    if (g != p && !(p == DType::f32 && is_narrow(g)))
+        throw_type(name(kGrad).str() + " has dtype " + dtype_name(g) + " but " + name(kParam).bare() + " has dtype " + dtype_name(p) +
+                   "; a gradient has its param's dtype, or is bfloat16/float16 for a float32 param (fp32 master weights)");
+    static constexpr Slot kStateSlots[3] = {kExpAvg, kExpAvgSq, kMaxExpAvgSq};
+    const DType s = b[2].dtype;
+    for (int k = 0; k < states; ++k) {
+        const DType d = b[2 + k].dtype;
+        if (d != s)
+            throw_type(name(kStateSlots[k]).str() + " has dtype " + dtype_name(d) + " but " + name(kExpAvg).bare() + " has dtype " +
+                       dtype_name(s) + "; a param's state arrays share one dtype");
+    }
+    const bool ok = p == DType::f64 ? s == DType::f64 : s == DType::f32 || s == DType::bf16 || (s == DType::f16 && p == DType::f16);
+    if (!ok)
+        throw_type(name(kExpAvg).str() + " has dtype " + dtype_name(s) + " but " + name(kParam).bare() + " has dtype " + dtype_name(p) +
+                   (p == DType::f64 ? "; a float64 param keeps float64 state"
+                                    : "; the state of a float32/bfloat16/float16 param is float32, or bfloat16 (half the bytes), "
+                                      "or float16 for a float16 param"));
+    if (has_out) {
+        const DType o = b[2 + states].dtype;
+        if (p != DType::f32 || !is_narrow(o))
+            throw_type(name(kParamOut).str() + " has dtype " + dtype_name(o) + " and " + name(kParam).bare() + " " + dtype_name(p) +
+                       "; param_out receives a float32 param rounded to bfloat16 or float16 (fp32 master weights and their "
+                       "low-precision model copy)");
+    }
+}
+
 // The validated tensors of one call, written only by run().
 template <class A>
 struct Batch {
-    static constexpr int kArrays = 2 + A::kStates;
+    static constexpr int kArrays = 3 + A::kStates;  // param, grad, state, param_out
     const char* fn;
     bool multi;
     Footprint footprint;
     Descriptors<A> tensors;
+    // Adam's mixed precision: tensors with a narrow array, a param_out or a gradient
+    // transform; the gradients of the norm pass; the transform of this step.
+    std::vector<AdamMixedTensor> mixed;
+    std::vector<GradView> grads;
+    GradTransform transform;
+    bool checks_grads = false;    // grad_scale or max_grad_norm: the norm pass runs, a non-finite gradient skips
+    double max_grad_norm = 0.0;  // 0: no clipping
 
     Batch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, (kArrays - 1) * n) {
         tensors.f32.reserve(n);
     }
 
-    // arrays: param, grad, then the state in slot order (None where not given).
+    // arrays: param, grad, then the state in slot order (None where not given), then
+    // param_out (Adam; None or absent when not given).
     void add(std::size_t i, const py::handle* arrays, std::int64_t step, const typename A::Hyper* h) {
         Slot slots[kArrays] = {kParam, kGrad};
         int used = 2;
@@ -127,19 +187,89 @@ struct Batch {
             if (A::optional(k)) check_optional(arrays[2 + k], need, ArgName{fn, A::kStateSlots[k], i, multi}, A::kOptionalWhen);
             used += need;  // the needed slots are a prefix (descriptors.hpp)
         }
+        constexpr bool kAdam = std::is_same_v<A, Adam>;
+        const int states = used - 2;
+        // validate_tensor reads the handles in slot order: param_out follows the used states.
+        py::handle ordered[kArrays];
+        for (int k = 0; k < used; ++k) ordered[k] = arrays[k];
+        const bool has_out = kAdam && !arrays[2 + A::kStates].is_none();
+        if (has_out) {
+            slots[used] = kParamOut;
+            ordered[used++] = arrays[2 + A::kStates];
+        }
         Buffer b[kArrays];
-        validate_tensor(fn, i, multi, arrays, slots, used, footprint, b);
+        validate_tensor(fn, i, multi, ordered, slots, used, footprint, b, kAdam);
         char* state[A::kStates] = {};
-        for (int k = 0; k + 2 < used; ++k) state[k] = b[2 + k].data;
+        for (int k = 0; k < states; ++k) state[k] = b[2 + k].data;
+        if constexpr (kAdam) {
+            check_adam_dtypes(b, states, has_out, fn, i, multi);
+            const bool narrow = is_narrow(b[0].dtype) || b[1].dtype != b[0].dtype || is_narrow(b[2].dtype);
+            if (checks_grads && b[0].dtype == DType::f64)
+                throw_type(ArgName{fn, kParam, i, multi}.str() +
+                           " is float64; grad_scale and max_grad_norm work on float32, bfloat16 and float16 params");
+            if (narrow || has_out || checks_grads) {
+                AdamMixedTensor& t = mixed.emplace_back();
+                t.param = b[0].data;
+                t.grad = b[1].data;
+                t.exp_avg = state[0];
+                t.exp_avg_sq = state[1];
+                t.max_exp_avg_sq = state[2];
+                t.param_out = has_out ? b[states + 2].data : nullptr;
+                t.param_dtype = storage_of(b[0].dtype);
+                t.grad_dtype = storage_of(b[1].dtype);
+                t.state_dtype = storage_of(b[2].dtype);
+                if (has_out) t.param_out_dtype = storage_of(b[states + 2].dtype);
+                t.size = b[0].size;
+                t.step = step;
+                t.hyper = h;
+                t.transform = checks_grads ? &transform : nullptr;
+                if (checks_grads) grads.push_back(GradView{b[1].data, storage_of(b[1].dtype), b[1].size});
+                return;
+            }
+        }
         const std::uint32_t slot = tensors.add(b[0].dtype, b[0].data, state, b[0].size, h);
         tensors.set_listed(b[0].dtype, slot, b[1].data, step);
     }
-    // Every array is validated: check overlaps, then write.
-    void run() {
+
+    // Every array is validated: check overlaps, then (grad_scale / max_grad_norm) the norm
+    // pass, then write. Returns the gradients' global L2 norm when checks_grads (NaN
+    // otherwise); a non-finite norm means a non-finite gradient, and nothing is written.
+    double run() {
         footprint.check();
-        tensors.run_listed();
+        double norm = std::nan("");
+        GilRelease release;
+        if (checks_grads) {
+            norm = std::sqrt(grad_sq_sum(grads.data(), grads.size(), transform));
+            if (!std::isfinite(norm)) return norm;
+            // torch.nn.utils.clip_grad_norm_'s coefficient; multiplying by 1 changes no bit.
+            const double coef = max_grad_norm > 0.0 ? max_grad_norm / (norm + 1e-6) : 1.0;
+            transform.clip = coef < 1.0;
+            transform.clip_coef = static_cast<float>(coef);
+        }
+        if (!tensors.f32.empty()) A::kernel(tensors.f32.data(), tensors.f32.size());
+        if (!tensors.f64.empty()) A::kernel(tensors.f64.data(), tensors.f64.size());
+        if (!mixed.empty()) fastadam::adam_step(mixed.data(), mixed.size());
+        return norm;
+    }
+
+    // The grad_scale / max_grad_norm arguments (Adam); before any add().
+    void set_grad_checks(py::handle grad_scale, py::handle max_norm) {
+        if (grad_scale && !grad_scale.is_none()) {
+            transform.unscale = true;
+            transform.grad_scale = static_cast<float>(check_positive(grad_scale, fn, "grad_scale", "gradients are divided by it"));
+            if (!(transform.grad_scale > 0.0f) || !std::isfinite(transform.grad_scale))
+                throw_value(std::string(fn) + ": grad_scale must be a positive finite float32 number");
+            checks_grads = true;
+        }
+        if (max_norm && !max_norm.is_none()) {
+            max_grad_norm = check_positive(max_norm, fn, "max_grad_norm", "the largest global L2 norm of the gradients");
+            checks_grads = true;
+        }
+        if (checks_grads) grads.reserve(tensors.f32.capacity());
     }
 };
+
+py::object norm_result(bool checks_grads, double norm) { return checks_grads ? py::object(py::float_(norm)) : py::object(py::none()); }
 
 // ----- the functions -------------------------------------------------------------------
 
@@ -148,16 +278,17 @@ PyObject* adam_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject
     return guarded([&] {
         constexpr const char* fn = "adam_step()";
         static const Keywords kw = Keywords::with_hypers<AdamHyperparams>(
-            fn, {"param", "grad", "exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"}, 4, 4);
+            fn, {"param", "grad", "exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq", "param_out", "grad_scale"}, 4, 4);
         py::handle a[Keywords::kMax];
         kw.parse(args, nargs, kwnames, a);
         if (!a[4]) throw_type("adam_step() missing required keyword argument 'step' (the 1-based count of this update)");
-        const AdamHyperparams h = hyper_from_args<AdamHyperparams>(a + 6, Where{fn});
+        const AdamHyperparams h = hyper_from_args<AdamHyperparams>(a + 8, Where{fn});
         const std::int64_t step = check_step(a[4], ArgName{fn, kStep, 0, false});
-        const py::handle arrays[5] = {a[0], a[1], a[2], a[3], none_if_null(a[5])};
+        const py::handle arrays[6] = {a[0], a[1], a[2], a[3], none_if_null(a[5]), none_if_null(a[6])};
         Batch<Adam> batch(fn, false, 1);
+        batch.set_grad_checks(a[7], py::handle());
         batch.add(0, arrays, step, &h);
-        batch.run();
+        return norm_result(batch.checks_grads, batch.run());
     });
 }
 
@@ -166,11 +297,12 @@ PyObject* adam_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs, Py
     return guarded([&] {
         constexpr const char* fn = "adam_step_multi()";
         static const Keywords kw = Keywords::with_hypers<AdamHyperparams>(
-            fn, {"params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs"}, 4, 4);
+            fn, {"params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs", "params_out", "grad_scale", "max_grad_norm"}, 4,
+            4);
         py::handle a[Keywords::kMax];
         kw.parse(args, nargs, kwnames, a);
         if (!a[4]) throw_type("adam_step_multi() missing required keyword argument 'steps' (an int, or one int per tensor)");
-        const AdamHyperparams h = hyper_from_args<AdamHyperparams>(a + 6, Where{fn});
+        const AdamHyperparams h = hyper_from_args<AdamHyperparams>(a + 9, Where{fn});
         const std::size_t n = check_list(a[0], fn, "params", 0, false);
         check_list(a[1], fn, "grads", n, true);
         check_list(a[2], fn, "exp_avgs", n, true);
@@ -184,14 +316,17 @@ PyObject* adam_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs, Py
         const bool per_tensor = PyList_Check(steps.ptr()) || PyTuple_Check(steps.ptr());
         if (per_tensor) check_list(steps, fn, "steps", n, true, "ints");
         const std::int64_t common_step = per_tensor ? 0 : check_step(steps, ArgName{fn, kSteps, 0, false});
+        const py::handle outs = none_if_null(a[6]);
+        if (!outs.is_none()) check_list(outs, fn, "params_out", n, true, "numpy arrays or None");
         Batch<Adam> batch(fn, true, n);
+        batch.set_grad_checks(a[7], a[8]);
         for (std::size_t i = 0; i < n; ++i) {
-            const py::handle arrays[5] = {item(a[0], i), item(a[1], i), item(a[2], i), item(a[3], i),
-                                          maxes.is_none() ? maxes : item(maxes, i)};
+            const py::handle arrays[6] = {item(a[0], i), item(a[1], i), item(a[2], i), item(a[3], i),
+                                          maxes.is_none() ? maxes : item(maxes, i), outs.is_none() ? outs : item(outs, i)};
             const std::int64_t step = per_tensor ? check_step(item(steps, i), ArgName{fn, kStep, i, true}) : common_step;
             batch.add(i, arrays, step, &h);
         }
-        batch.run();
+        return norm_result(batch.checks_grads, batch.run());
     });
 }
 
@@ -205,17 +340,18 @@ PyObject* sgd_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject*
         if (!a[3]) throw_type("sgd_step() missing required keyword argument 'step' (the 1-based count of this update)");
         const SgdHyperparams h = hyper_from_args<SgdHyperparams>(a + 4, Where{fn});
         const std::int64_t step = check_step(a[3], ArgName{fn, kStep, 0, false});
-        const py::handle arrays[3] = {a[0], a[1], none_if_null(a[2])};
+        const py::handle arrays[4] = {a[0], a[1], none_if_null(a[2]), py::none()};
         Batch<Sgd> batch(fn, false, 1);
         batch.add(0, arrays, step, &h);
         batch.run();
     });
 }
 
-const char* const kAdamStepDoc = R"doc(adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None, maximize=False)
+const char* const kAdamStepDoc = R"doc(adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None, maximize=False, param_out=None, grad_scale=None)
 
 One Adam step, in place: updates param, exp_avg, exp_avg_sq (and max_exp_avg_sq with
-amsgrad) and returns None. Bit-identical to fastadam.reference.adam_step.
+amsgrad). Returns the gradient's L2 norm (after unscaling) when grad_scale is given,
+else None. Bit-identical to fastadam.reference.adam_step.
 
 Per element, T the arrays' dtype, t = step (the 1-based count of this update)::
 
@@ -230,19 +366,35 @@ Per element, T the arrays' dtype, t = step (the 1-based count of this update)::
 
 Units: lr in parameter units per step, eps in gradient units.
 
-All arrays: numpy.ndarray, float32 or float64 (one dtype), C-contiguous, aligned, same
-shape; the written ones writeable and not overlapping each other or grad. Nothing is
-converted or copied: anything else raises TypeError/ValueError before any write.
-Hyper-parameters: lr, eps, weight_decay >= 0 and finite; betas in [0, 1); step >= 1.
+All arrays: numpy.ndarray, C-contiguous, aligned, same shape; the written ones
+writeable and not overlapping each other or grad. Nothing is converted or copied:
+anything else raises TypeError/ValueError before any write. Hyper-parameters: lr, eps,
+weight_decay >= 0 and finite; betas in [0, 1); step >= 1.
+
+Dtypes: all float64, or float32 arithmetic (T = float32 above) with each array stored as
+  param     float32, bfloat16 (ml_dtypes) or float16
+  grad      the param's dtype, or bfloat16/float16 for a float32 param
+  states    float32 or bfloat16 (float16 for float16 params only), one dtype
+  param_out bfloat16 or float16, float32 params only: receives the updated param
+Loads widen exactly; stores round to nearest even (NaN stays NaN, overflow gives inf).
+grad_scale (loss scaling, > 0): g = grad / grad_scale before the formula; a gradient
+holding inf or NaN then skips the step (nothing written, the norm returned is not finite).
 )doc";
 
-const char* const kAdamStepMultiDoc = R"doc(adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sqs=None, maximize=False)
+const char* const kAdamStepMultiDoc = R"doc(adam_step_multi(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sqs=None, maximize=False, params_out=None, grad_scale=None, max_grad_norm=None)
 
 Adam steps on many tensors in one native call: lists of arrays, one entry per tensor
-(float32 and float64 tensors may mix), ``steps`` an int for all or one int per tensor.
+(dtypes may differ between tensors), ``steps`` an int for all or one int per tensor.
 Every array is validated before any is written; then the GIL is released once and the
 elements of all tensors are split across threads. Same formula and rules as adam_step;
-tensors may share one (read-only) gradient array.
+tensors may share one (read-only) gradient array. ``params_out``: one bfloat16/float16
+array or None per tensor.
+
+With grad_scale or max_grad_norm (float32 arithmetic only), one read-only pass first
+computes the global L2 norm of all gradients (after unscaling), in a fixed order
+(fastadam.reference.grad_sq_sum), and returns it. A non-finite norm skips the whole
+step. With max_grad_norm, every gradient is then multiplied by torch's clip_grad_norm_
+coefficient max_grad_norm / (norm + 1e-6) where that is below 1.
 )doc";
 
 const char* const kSgdStepDoc = R"doc(sgd_step(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)

@@ -164,6 +164,13 @@ struct Listed {
     const Tensor& at(std::size_t k, Tensor&) const { return tensors[k]; }
 };
 
+// Bytes per element of a tensor's param, on whose cache lines the units start.
+template <class T>
+std::int64_t param_bytes(const AdamTensor<T>&) { return sizeof(T); }
+template <class T>
+std::int64_t param_bytes(const SgdTensor<T>&) { return sizeof(T); }
+std::int64_t param_bytes(const AdamMixedTensor& t) { return storage_bytes(t.param_dtype); }
+
 template <class T>
 void set_step(AdamTensor<T>& t, std::int64_t step) { t.step = step; }
 template <class T>
@@ -197,7 +204,6 @@ struct Gathered {
 template <class Tensor, class Source, class MakeScalars, class SameScalars, class Segment>
 void for_each_share(const Source& source, std::size_t count, int num_threads, MakeScalars make_scalars,
                     SameScalars same_scalars, Segment segment) {
-    using T = typename std::remove_pointer<decltype(Tensor::param)>::type;
     // Runs `remaining` elements of the concatenation, from element lo of tensor k on.
     auto run_range = [&](std::size_t k, std::int64_t lo, std::int64_t remaining) {
         Tensor scratch[2];  // alternate, so that `last` stays valid when the source assembles tensors
@@ -232,7 +238,6 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
     }
     std::vector<std::int64_t> offsets(count + 1, 0);
     for (std::size_t k = 0; k < count; ++k) offsets[k + 1] = offsets[k] + source.size(k);
-    constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
     // Global index where unit `part` of `parts` starts; monotone in `part` because
     // each unit is far longer than a cache line.
     auto unit_start = [&](int part, int parts) -> std::int64_t {
@@ -241,7 +246,8 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
         // The last tensor starting at or before raw (a skipped tensor has none of its own).
         const std::size_t k = static_cast<std::size_t>(std::upper_bound(offsets.begin(), offsets.end(), raw) - offsets.begin()) - 1;
         const std::int64_t local = raw - offsets[k];
-        const auto first = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(source.tensors[k].param) / sizeof(T));
+        const std::int64_t bytes = param_bytes(source.tensors[k]), line = 64 / bytes;
+        const auto first = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(source.tensors[k].param)) / bytes;
         const std::int64_t aligned = local - (first + local) % line;
         return offsets[k] + std::max<std::int64_t>(aligned, 0);
     };
@@ -281,6 +287,61 @@ void run_sgd(const Source& source, std::size_t count, SgdSegmentFn<T> segment, i
     for_each_share<SgdTensor<T>>(
         source, count, num_threads, [](const SgdTensor<T>& t) { return sgd_scalars<T>(*t.hyper); },
         [](const SgdTensor<T>& a, const SgdTensor<T>& b) { return a.hyper == b.hyper; }, segment);
+}
+
+void run_adam_mixed(const AdamMixedTensor* tensors, std::size_t count, const KernelTable& table, int num_threads) {
+    for_each_share<AdamMixedTensor>(
+        Listed<AdamMixedTensor>{tensors}, count, num_threads, [](const AdamMixedTensor& t) { return adam_scalars<float>(*t.hyper, t.step); },
+        [](const AdamMixedTensor& a, const AdamMixedTensor& b) { return a.hyper == b.hyper && a.step == b.step; }, table.adam_mixed);
+}
+
+// Every block's sum of squares (types.hpp, kNormBlock), on the pool's threads, then their
+// sum in block order on the caller: the order, and so the bits, do not depend on threads.
+double run_grad_sq_sum(const GradView* grads, std::size_t count, const GradTransform& transform, const KernelTable& table,
+                       int num_threads) {
+    std::vector<std::int64_t> first_block(count + 1, 0);
+    std::int64_t total = 0;
+    for (std::size_t k = 0; k < count; ++k) {
+        first_block[k + 1] = first_block[k] + (grads[k].size + kNormBlock - 1) / kNormBlock;
+        total += grads[k].size;
+    }
+    const std::int64_t blocks = first_block[count];
+    std::vector<double> sums(static_cast<std::size_t>(blocks));
+    struct Job {
+        const GradView* grads;
+        const std::vector<std::int64_t>& first_block;
+        std::vector<double>& sums;
+        const GradTransform& transform;
+        const KernelTable& table;
+        std::int64_t blocks;
+        int units;
+        void run(std::int64_t lo, std::int64_t hi) const {
+            std::size_t k = static_cast<std::size_t>(std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin()) - 1;
+            for (std::int64_t b = lo; b < hi; ++b) {
+                while (b >= first_block[k + 1]) ++k;
+                const std::int64_t at = (b - first_block[k]) * kNormBlock;
+                const std::int64_t n = std::min(kNormBlock, grads[k].size - at);
+                sums[static_cast<std::size_t>(b)] =
+                    table.grad_sq_block(grads[k].dtype, grads[k].data, at, n, transform.unscale, transform.grad_scale);
+            }
+        }
+    } job{grads, first_block, sums, transform, table, blocks, 1};
+    const std::int64_t by_size = std::max<std::int64_t>(1, total / (8 * kMinElementsPerThread));
+    const int threads = static_cast<int>(
+        std::min<std::int64_t>({max_threads(num_threads), by_size, std::int64_t{usable_cpus()}, std::int64_t{WorkPool::kMaxShares}, blocks}));
+    if (threads <= 1) {
+        job.run(0, blocks);
+    } else {
+        const int units_per_share = static_cast<int>(std::clamp<std::int64_t>(blocks / threads / 16, 1, 16));
+        job.units = threads * units_per_share;
+        WorkPool::instance().run(threads, units_per_share, [](void* context, int unit) {
+            const Job& j = *static_cast<const Job*>(context);
+            j.run(j.blocks * unit / j.units, j.blocks * (unit + 1) / j.units);
+        }, &job);
+    }
+    double sum = 0.0;
+    for (double s : sums) sum += s;
+    return sum;
 }
 
 const KernelTable& checked_table(Isa isa) {
@@ -370,6 +431,13 @@ void sgd_step(const SgdTensor<double>* t, const double* const* grads, const std:
 void lane_sqrt(const float* x, const float* estimate, float* out, std::int64_t n, Isa isa) {
     checked_table(isa).sqrt_f32(x, estimate, out, n);
 }
+
+void adam_step(const AdamMixedTensor* t, std::size_t n, Isa isa, int threads) { run_adam_mixed(t, n, checked_table(isa), threads); }
+void adam_step(const AdamMixedTensor* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }
+double grad_sq_sum(const GradView* g, std::size_t n, const GradTransform& tr, Isa isa, int threads) {
+    return run_grad_sq_sum(g, n, tr, checked_table(isa), threads);
+}
+double grad_sq_sum(const GradView* g, std::size_t n, const GradTransform& tr) { return grad_sq_sum(g, n, tr, active_isa(), default_threads()); }
 
 void adam_step(const AdamTensor<float>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }
 void adam_step(const AdamTensor<double>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }

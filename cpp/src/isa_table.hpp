@@ -18,6 +18,8 @@ struct KernelTable {
     SgdSegmentFn<float> sgd_f32;
     SgdSegmentFn<double> sgd_f64;
     void (*sqrt_f32)(const float* x, const float* estimate, float* out, std::int64_t n);
+    void (*adam_mixed)(const AdamMixedTensor&, const AdamScalars<float>&, std::int64_t, std::int64_t);
+    double (*grad_sq_block)(Storage, const void*, std::int64_t at, std::int64_t n, bool unscale, float scale);
 };
 
 namespace baseline { extern const KernelTable kernel_table; }

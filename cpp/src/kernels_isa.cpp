@@ -14,6 +14,8 @@ extern const KernelTable kernel_table = {
     &sgd_segment<float>,
     &sgd_segment<double>,
     &lane_sqrt_f32,
+    &adam_mixed_segment,
+    &grad_sq_block,
 };
 
 }  // namespace FASTADAM_ISA_NS

@@ -41,7 +41,7 @@ def self_check(n: int = 100_003, steps: int = 3) -> list[str]:
                 init = [rng.standard_normal(n).astype(dtype) for _ in range(2)] + [rng.random(n).astype(dtype)] * 2
                 grads = [rng.standard_normal(n).astype(dtype) for _ in range(steps)]
 
-                def run(step_fn: Callable[..., None], arrays: list[npt.NDArray[Any]]) -> None:
+                def run(step_fn: Callable[..., object], arrays: list[npt.NDArray[Any]]) -> None:
                     p, m, v, vmax = arrays
                     for t, g in enumerate(grads, start=1):
                         step_fn(p, g, m, v, step=t, lr=1e-2, max_exp_avg_sq=vmax if kw.get("amsgrad") else None, **kw)
@@ -83,7 +83,7 @@ def quick_timing(sizes: tuple[int, ...] = (1_000, 100_000, 1_000_000), repeats: 
                       np.zeros(n, np.float32), np.zeros(n, np.float32)] for k in ("fastadam", "numpy")}
         inner = max(1, 100_000 // n)  # several calls per sample for tiny sizes: timer resolution
 
-        def call(step_fn: Callable[..., None], a: list[npt.NDArray[np.float32]]) -> Callable[[], None]:
+        def call(step_fn: Callable[..., object], a: list[npt.NDArray[np.float32]]) -> Callable[[], None]:
             def f() -> None:
                 for _ in range(inner):
                     step_fn(a[0], a[1], a[2], a[3], step=10, lr=1e-3)

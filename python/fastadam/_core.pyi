@@ -7,15 +7,17 @@ import numpy as np
 import numpy.typing as npt
 
 _Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+# Mixed precision: bfloat16 (ml_dtypes) and float16 arrays too; NumPy types bfloat16 as Any.
+_AnyArray = _Array | npt.NDArray[np.float16] | npt.NDArray[Any]
 
 min_elements_per_thread: int
 min_elements_to_wake: int
 
 def adam_step(
-    param: _Array,
-    grad: _Array,
-    exp_avg: _Array,
-    exp_avg_sq: _Array,
+    param: _AnyArray,
+    grad: _AnyArray,
+    exp_avg: _AnyArray,
+    exp_avg_sq: _AnyArray,
     *,
     step: int,
     lr: float = 1e-3,
@@ -24,14 +26,16 @@ def adam_step(
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     amsgrad: bool = False,
-    max_exp_avg_sq: _Array | None = None,
+    max_exp_avg_sq: _AnyArray | None = None,
     maximize: bool = False,
-) -> None: ...
+    param_out: _AnyArray | None = None,
+    grad_scale: float | None = None,
+) -> float | None: ...
 def adam_step_multi(
-    params: Sequence[_Array],
-    grads: Sequence[_Array],
-    exp_avgs: Sequence[_Array],
-    exp_avg_sqs: Sequence[_Array],
+    params: Sequence[_AnyArray],
+    grads: Sequence[_AnyArray],
+    exp_avgs: Sequence[_AnyArray],
+    exp_avg_sqs: Sequence[_AnyArray],
     *,
     steps: int | Sequence[int],
     lr: float = 1e-3,
@@ -40,9 +44,12 @@ def adam_step_multi(
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     amsgrad: bool = False,
-    max_exp_avg_sqs: Sequence[_Array] | None = None,
+    max_exp_avg_sqs: Sequence[_AnyArray] | None = None,
     maximize: bool = False,
-) -> None: ...
+    params_out: Sequence[_AnyArray | None] | None = None,
+    grad_scale: float | None = None,
+    max_grad_norm: float | None = None,
+) -> float | None: ...
 def sgd_step(
     param: _Array,
     grad: _Array,

@@ -31,6 +31,17 @@ Adam, per element (``T`` = the arrays' dtype, ``t`` = ``step``)::
     denom = sqrt(v_max if amsgrad else v) * T(1 / sqrt(1 - beta2**t)) + T(eps)
     p = p - T(lr / (1 - beta1**t)) * m / denom        # (step_size*m)/denom
 
+Mixed precision (``adam_step`` / ``adam_step_multi``; float32 arithmetic for every
+non-float64 array): bfloat16 (``ml_dtypes.bfloat16``) and float16 arrays are widened
+exactly to float32, the float32 step above runs, and every narrower array written
+(param, states, ``param_out``) is rounded to nearest even (NaN stays NaN, overflow gives
+inf, subnormals are kept). Before the step, with ``grad_scale`` and/or ``max_grad_norm``::
+
+    g = float32(grad) / float32(grad_scale)           # grad_scale given
+    norm = sqrt(grad_sq_sum(all gradients))            # in double, fixed order (grad_sq_sum)
+    step skipped, nothing written, if norm is not finite
+    g = g * float32(max_grad_norm / (norm + 1e-6))    # when that is < 1 (clip_grad_norm_'s coefficient)
+
 SGD, per element (torch.optim.SGD)::
 
     g = -grad if maximize else grad                   # (not with weight decay: next line)
@@ -47,36 +58,30 @@ import math
 
 import numpy as np
 
-__all__ = ["adam_step", "sgd_step"]
+__all__ = ["adam_step", "adam_step_multi", "grad_sq_sum", "sgd_step"]
+
+# The norm pass sums squares in blocks of this many elements (the kernel's kNormBlock).
+NORM_BLOCK = 4096
 
 
-def adam_step(
+def _adam_update(
     param: np.ndarray,
-    grad: np.ndarray,
+    g: np.ndarray,
     exp_avg: np.ndarray,
     exp_avg_sq: np.ndarray,
-    *,
+    max_exp_avg_sq: np.ndarray | None,
     step: int,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    decoupled_weight_decay: bool = False,
-    amsgrad: bool = False,
-    max_exp_avg_sq: np.ndarray | None = None,
-    maximize: bool = False,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
 ) -> None:
-    """One Adam step in place, in plain NumPy: the reference for ``fastadam.adam_step``.
-
-    ``step`` is the 1-based count of this update (torch's ``state["step"]`` after its
-    increment). ``param``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with
-    ``amsgrad``) are updated in place; see the module docstring for the formula.
-    """
+    """The step on arrays of one dtype T, in place; ``g`` is the gradient (not written)."""
     T = param.dtype.type
     beta1, beta2 = betas
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("adam_step(): max_exp_avg_sq is required with amsgrad=True")
-
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = T(lr / bias_correction1)
@@ -86,9 +91,9 @@ def adam_step(
     # and the NaN sign every compiled path gives (docs/design.md, "The formula").
     l2 = weight_decay != 0 and not decoupled_weight_decay
     if l2:
-        g = T(weight_decay) * param - grad if maximize else grad + T(weight_decay) * param
-    else:
-        g = np.negative(grad) if maximize else grad
+        g = T(weight_decay) * param - g if maximize else g + T(weight_decay) * param
+    elif maximize:
+        g = np.negative(g)
     if weight_decay != 0 and decoupled_weight_decay:
         np.multiply(param, T(1 - lr * weight_decay), out=param)
 
@@ -107,6 +112,128 @@ def adam_step(
         second_moment = exp_avg_sq
     denom = np.sqrt(second_moment) * inv_bias_correction2_sqrt + T(eps)
     param -= step_size * exp_avg / denom
+
+
+def grad_sq_sum(grads: list[np.ndarray], grad_scale: float | None = None) -> float:
+    """The sum of squares of every gradient element, in the kernel's fixed order.
+
+    Each element is widened to float32 (divided by ``float32(grad_scale)`` if given) and
+    squared in double (exactly). Per tensor, blocks of ``NORM_BLOCK`` elements: element i
+    of a block adds to accumulator ``i % 16`` in order; the 16 accumulators are then
+    added pairwise (``a[j] + a[j + 8]``, then ``+ 4``, ``+ 2``, ``+ 1``). The blocks' sums
+    are added in order, tensor after tensor. Its square root is the global L2 norm.
+    """
+    block_sums = []
+    for grad in grads:
+        u = np.asarray(grad).reshape(-1).astype(np.float32)
+        if grad_scale is not None:
+            u = u / np.float32(grad_scale)
+        blocks = -(-u.size // NORM_BLOCK)
+        squares = np.zeros(blocks * NORM_BLOCK, np.float64)  # padding adds +0.0: no change
+        squares[: u.size] = u.astype(np.float64) ** 2
+        acc = np.cumsum(squares.reshape(blocks, NORM_BLOCK // 16, 16), axis=1)[:, -1, :]
+        for width in (8, 4, 2, 1):
+            acc = acc[:, :width] + acc[:, width : 2 * width]
+        block_sums.append(acc[:, 0])
+    sums = np.concatenate(block_sums) if block_sums else np.zeros(0)
+    return float(np.cumsum(sums)[-1]) if sums.size else 0.0
+
+
+def adam_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sq: np.ndarray | None = None,
+    maximize: bool = False,
+    param_out: np.ndarray | None = None,
+    grad_scale: float | None = None,
+) -> float | None:
+    """One Adam step in place, in plain NumPy: the reference for ``fastadam.adam_step``.
+
+    ``step`` is the 1-based count of this update (torch's ``state["step"]`` after its
+    increment). ``param``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with
+    ``amsgrad``) are updated in place; see the module docstring for the formula and
+    for mixed precision. Returns the gradient's L2 norm (after unscaling) when
+    ``grad_scale`` is given, else None; a non-finite norm means nothing was written.
+    """
+    return adam_step_multi(
+        [param], [grad], [exp_avg], [exp_avg_sq], steps=step, lr=lr, betas=betas, eps=eps,
+        weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+        max_exp_avg_sqs=None if max_exp_avg_sq is None else [max_exp_avg_sq], maximize=maximize,
+        params_out=None if param_out is None else [param_out], grad_scale=grad_scale,
+    )
+
+
+def adam_step_multi(
+    params: list[np.ndarray],
+    grads: list[np.ndarray],
+    exp_avgs: list[np.ndarray],
+    exp_avg_sqs: list[np.ndarray],
+    *,
+    steps: int | list[int],
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sqs: list[np.ndarray] | None = None,
+    maximize: bool = False,
+    params_out: list[np.ndarray | None] | None = None,
+    grad_scale: float | None = None,
+    max_grad_norm: float | None = None,
+) -> float | None:
+    """Adam on many tensors: the reference for ``fastadam.adam_step_multi``.
+
+    Returns the global L2 norm of the (unscaled) gradients when ``grad_scale`` or
+    ``max_grad_norm`` is given, else None. A non-finite norm means a gradient held inf
+    or NaN: nothing was written.
+    """
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("adam_step_multi(): max_exp_avg_sqs is required with amsgrad=True")
+    checks_grads = grad_scale is not None or max_grad_norm is not None
+    norm = math.nan
+    clip_coef = None
+    if checks_grads:
+        norm = math.sqrt(grad_sq_sum(grads, grad_scale))
+        if not math.isfinite(norm):
+            return norm
+        if max_grad_norm is not None and max_grad_norm / (norm + 1e-6) < 1.0:
+            clip_coef = np.float32(max_grad_norm / (norm + 1e-6))
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
+    for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        step = steps if isinstance(steps, int) else steps[i]
+        max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad and max_exp_avg_sqs is not None else None
+        param_out = params_out[i] if params_out is not None else None
+        written = [param, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if max_exp_avg_sq is not None else [])
+        if param.dtype == np.float64 or (
+            all(a.dtype == np.float32 for a in written + [grad]) and param_out is None and not checks_grads
+        ):
+            _adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, **hyper)  # type: ignore[arg-type]
+            continue
+        # Mixed precision: widen to float32, the float32 step, round every narrower array back.
+        p, m, v = (a.astype(np.float32) for a in (param, exp_avg, exp_avg_sq))
+        v_max = None if max_exp_avg_sq is None else max_exp_avg_sq.astype(np.float32)
+        g = grad.astype(np.float32)
+        if grad_scale is not None:
+            g = g / np.float32(grad_scale)
+        if clip_coef is not None:
+            g = g * clip_coef
+        _adam_update(p, g, m, v, v_max, step, **hyper)  # type: ignore[arg-type]
+        for to, value in ((param, p), (exp_avg, m), (exp_avg_sq, v), (max_exp_avg_sq, v_max), (param_out, p)):
+            if to is not None and value is not None:
+                to[...] = value.astype(to.dtype)
+    return norm if checks_grads else None
 
 
 def sgd_step(

@@ -78,6 +78,19 @@ void adam_step(const AdamTensor<double>* tensors, const double* const* grads, co
 void sgd_step(const SgdTensor<float>* tensors, const float* const* grads, const std::int64_t* steps, std::size_t count);
 void sgd_step(const SgdTensor<double>* tensors, const double* const* grads, const std::int64_t* steps, std::size_t count);
 
+// Mixed precision (types.hpp, AdamMixedTensor): float32 arithmetic on arrays stored as
+// float32, bfloat16 or float16, with an optional rounded copy of the param and the
+// step's gradient transform. Same bits on every path and thread count as the float
+// step on the widened values, rounded to nearest even on store.
+void adam_step(const AdamMixedTensor* tensors, std::size_t count);
+void adam_step(const AdamMixedTensor* tensors, std::size_t count, Isa isa, int num_threads);
+
+// The sum of squares of all gradients' elements (each divided by grad_scale when
+// transform.unscale), in one fixed order (types.hpp, kNormBlock): its square root is
+// the global L2 norm that clipping uses; a non-finite sum means a non-finite gradient.
+double grad_sq_sum(const GradView* grads, std::size_t count, const GradTransform& transform);
+double grad_sq_sum(const GradView* grads, std::size_t count, const GradTransform& transform, Isa isa, int num_threads);
+
 // The float square root that `isa`'s Adam loops compute without the divide unit
 // (lanes.hpp), over n elements; paths without such lanes take the IEEE square root.
 // With `estimate` (nullable), that replaces the hardware's estimate of 1/sqrt(x),

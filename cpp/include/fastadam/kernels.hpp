@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "fastadam/convert.hpp"
 #include "fastadam/lanes.hpp"
 #include "fastadam/types.hpp"
 
@@ -51,10 +52,14 @@ struct Halfway {
 // An update is written in two halves so that the AVX-512 loop can overlap one
 // group's square roots with the previous group's divisions (adam_vectors).
 // First half: the loads, the weight decay, the moments (stored) and the square root.
-template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, class T, class Sqrt>
-inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad,
-                               T* FASTADAM_RESTRICT exp_avg, T* FASTADAM_RESTRICT exp_avg_sq,
-                               T* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<V>& c, std::int64_t i,
+// P, G, S: how param, grad and the states are stored (float, double, or a 2-byte
+// storage of a float step, widened on load and rounded on store). GRAD_MUL applies
+// mixed precision's gradient transform (AdamScalars::grad_unscale, grad_clip).
+template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, bool GRAD_MUL = false, class P, class G,
+          class S, class Sqrt>
+inline Halfway<V> adam_moments(const P* FASTADAM_RESTRICT param, const G* FASTADAM_RESTRICT grad,
+                               S* FASTADAM_RESTRICT exp_avg, S* FASTADAM_RESTRICT exp_avg_sq,
+                               S* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<V>& c, std::int64_t i,
                                Sqrt sqrt) {
     using L = Lane<V>;
     V g = L::load(grad + i);
@@ -71,6 +76,7 @@ inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTAD
     // maximize with L2 decay: wd*p - g, which equals torch's (-g) + wd*p for every number;
     // written so because compilers fold that into this subtraction on some paths and
     // not others, which gave NaNs of different signs (docs/design.md, "The formula").
+    if (GRAD_MUL) g = (g * c.grad_unscale) * c.grad_clip;  // x * 1 is x: neutral when unused
     if (WD == WeightDecay::l2) g = MAXIMIZE ? c.weight_decay * p - g : g + c.weight_decay * p;
     else if (MAXIMIZE) g = -g;
     if (WD == WeightDecay::decoupled) p = p * c.decay_factor;
@@ -88,19 +94,29 @@ inline Halfway<V> adam_moments(const T* FASTADAM_RESTRICT param, const T* FASTAD
     return {p, c.step_size * m, sqrt(v_hat)};
 }
 
-// Second half: the denominator, the division and the parameter's store.
-template <class V, class T>
-inline void adam_param(T* FASTADAM_RESTRICT param, const AdamScalars<V>& c, std::int64_t i, const Halfway<V>& h) {
+// No param_out (the O of the loops below).
+struct NoOut {};
+
+// Second half: the denominator, the division and the parameter's store (and its
+// rounded copy into param_out, O being its storage, or NoOut).
+template <class V, class P, class O = NoOut>
+inline void adam_param(P* FASTADAM_RESTRICT param, const AdamScalars<V>& c, std::int64_t i, const Halfway<V>& h,
+                       O* FASTADAM_RESTRICT param_out = nullptr) {
     const V denom = h.root * c.inv_bias_correction2_sqrt + c.eps;
-    Lane<V>::store(param + i, h.param - h.scaled_exp_avg / denom);
+    const V updated = h.param - h.scaled_exp_avg / denom;
+    Lane<V>::store(param + i, updated);
+    if constexpr (!std::is_same<O, NoOut>::value) Lane<V>::store(param_out + i, updated);
 }
 
-template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, class T, class Sqrt>
-inline void adam_update(T* FASTADAM_RESTRICT param, const T* FASTADAM_RESTRICT grad, T* FASTADAM_RESTRICT exp_avg,
-                        T* FASTADAM_RESTRICT exp_avg_sq, T* FASTADAM_RESTRICT max_exp_avg_sq,
-                        const AdamScalars<V>& c, std::int64_t i, Sqrt sqrt) {
+template <class V, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, bool GRAD_MUL = false, class P, class G,
+          class S, class O = NoOut, class Sqrt>
+inline void adam_update(P* FASTADAM_RESTRICT param, const G* FASTADAM_RESTRICT grad, S* FASTADAM_RESTRICT exp_avg,
+                        S* FASTADAM_RESTRICT exp_avg_sq, S* FASTADAM_RESTRICT max_exp_avg_sq,
+                        const AdamScalars<V>& c, std::int64_t i, Sqrt sqrt, O* FASTADAM_RESTRICT param_out = nullptr) {
     adam_param<V>(param, c, i,
-                  adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt));
+                  adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i,
+                                                                                sqrt),
+                  param_out);
 }
 
 template <class V, class T>
@@ -108,7 +124,8 @@ AdamScalars<V> broadcast(const AdamScalars<T>& s) {
     using L = Lane<V>;
     return {L::broadcast(s.lerp_weight), L::broadcast(s.beta2), L::broadcast(s.one_minus_beta2),
             L::broadcast(s.weight_decay), L::broadcast(s.decay_factor), L::broadcast(s.step_size),
-            L::broadcast(s.inv_bias_correction2_sqrt), L::broadcast(s.eps)};
+            L::broadcast(s.inv_bias_correction2_sqrt), L::broadcast(s.eps), L::broadcast(s.grad_unscale),
+            L::broadcast(s.grad_clip)};
 }
 
 #if defined(FASTADAM_HAVE_F32X16)
@@ -136,53 +153,81 @@ using FloatVector = F32x8;  // AVX2: every square root on the divide unit
 
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
 // The float loop over FloatVector lanes. Returns where the scalar loop takes over
-// (AVX2: the last few elements; AVX-512 does them too and returns end).
-template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD>
-std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_RESTRICT grad,
-                          float* FASTADAM_RESTRICT exp_avg, float* FASTADAM_RESTRICT exp_avg_sq,
-                          float* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<float>& s, std::int64_t begin,
-                          std::int64_t end) {
+// (AVX2: the last few elements; AVX-512 does them too and returns end). P, G, S, O
+// as in adam_moments and adam_param; a 2-byte storage here is bfloat16 only.
+template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, bool GRAD_MUL = false, class P, class G, class S,
+          class O = NoOut>
+std::int64_t adam_vectors(P* FASTADAM_RESTRICT param, const G* FASTADAM_RESTRICT grad, S* FASTADAM_RESTRICT exp_avg,
+                          S* FASTADAM_RESTRICT exp_avg_sq, S* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<float>& s,
+                          std::int64_t begin, std::int64_t end, O* FASTADAM_RESTRICT param_out = nullptr) {
     using V = FloatVector;
     using L = Lane<V>;
     const AdamScalars<V> c = broadcast<V>(s);
     const auto by_divider = [](V x) { return L::sqrt(x); };
     const auto update = [&](std::int64_t at, auto sqrt) {
-        adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt);
+        adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, at, sqrt,
+                                                                       param_out);
     };
     std::int64_t i = begin;
     // First the elements before exp_avg starts a 64-byte line: a vector that straddles
     // two lines costs two accesses. The optimizer's state is line-aligned already;
     // NumPy's large arrays all sit 16 bytes past a line, so aligning one aligns all
     // (fastadam_bench --layout=numpy, README).
-    const auto line_offset = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(exp_avg + i) % 64);
-    std::int64_t peel = (64 - line_offset) % 64 / static_cast<std::int64_t>(sizeof(float));
+    // (A 2-byte state aligns to half a line: the peel stays within one vector.)
+    constexpr std::int64_t line = sizeof(S) >= 4 ? 64 : 32;
+    const auto line_offset = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(exp_avg + i) % line);
+    std::int64_t peel = (line - line_offset) % line / static_cast<std::int64_t>(sizeof(S));
     if (peel > end - i) peel = end - i;
 #if defined(FASTADAM_HAVE_F32X16)
     // AVX-512 takes them, and the last few elements of the range, as one vector with
     // masked loads and stores (Lane::load_first), staged through a buffer so that the
     // update is the vector one: up to 15 elements cost one vector, not 15 scalar
     // square roots and divisions (a 1000-element tensor had up to 30 of those).
+    // 2-byte storages are widened into the buffer and rounded back one element at a time.
+    constexpr bool all_float = std::is_same<P, float>::value && std::is_same<G, float>::value && std::is_same<S, float>::value &&
+                               std::is_same<O, NoOut>::value;
     const auto partial = [&](std::int64_t at, int count) {
         alignas(64) float p[L::width], g[L::width], m[L::width], v[L::width], v_max[L::width];
-        const auto stage = [&](float* to, const float* from) { L::store(to, L::load_first(from + at, count)); };
-        const auto unstage = [&](float* to, const float* from) { L::store_first(to + at, L::load(from), count); };
-        stage(p, param);
-        stage(g, grad);
-        stage(m, exp_avg);
-        stage(v, exp_avg_sq);
-        if constexpr (AMSGRAD) stage(v_max, max_exp_avg_sq);
-        adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(p, g, m, v, v_max, c, 0, by_divider);
-        unstage(param, p);
-        unstage(exp_avg, m);
-        unstage(exp_avg_sq, v);
-        if constexpr (AMSGRAD) unstage(max_exp_avg_sq, v_max);
+        if constexpr (all_float) {
+            const auto stage = [&](float* to, const float* from) { L::store(to, L::load_first(from + at, count)); };
+            const auto unstage = [&](float* to, const float* from) { L::store_first(to + at, L::load(from), count); };
+            stage(p, param);
+            stage(g, grad);
+            stage(m, exp_avg);
+            stage(v, exp_avg_sq);
+            if constexpr (AMSGRAD) stage(v_max, max_exp_avg_sq);
+            adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(p, g, m, v, v_max, c, 0, by_divider);
+            unstage(param, p);
+            unstage(exp_avg, m);
+            unstage(exp_avg_sq, v);
+            if constexpr (AMSGRAD) unstage(max_exp_avg_sq, v_max);
+        } else {
+            const auto stage = [&](float* to, const auto* from) {
+                for (int j = 0; j < L::width; ++j) to[j] = to_float(from[at + (j < count ? j : 0)]);
+            };
+            const auto unstage = [&](auto* to, const float* from) {
+                for (int j = 0; j < count; ++j) from_float(to[at + j], from[j]);
+            };
+            stage(p, param);
+            stage(g, grad);
+            stage(m, exp_avg);
+            stage(v, exp_avg_sq);
+            if constexpr (AMSGRAD) stage(v_max, max_exp_avg_sq);
+            adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(p, g, m, v, v_max, c, 0, by_divider);
+            unstage(param, p);
+            if constexpr (!std::is_same<O, NoOut>::value) unstage(param_out, p);
+            unstage(exp_avg, m);
+            unstage(exp_avg_sq, v);
+            if constexpr (AMSGRAD) unstage(max_exp_avg_sq, v_max);
+        }
     };
     if (peel > 0) partial(i, static_cast<int>(peel));
     i += peel;
 #else
     const auto scalar_sqrt = [](float x) { return Lane<float>::sqrt(x); };
     for (const std::int64_t stop = i + peel; i < stop; ++i)
-        adam_update<float, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i, scalar_sqrt);
+        adam_update<float, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, i,
+                                                                           scalar_sqrt, param_out);
 #endif
 #if defined(FASTADAM_HAVE_F32X16)
     const auto by_fma = [](V x) { return sqrt_by_fma(x); };
@@ -199,17 +244,17 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
         for (int k = 0; k < vectors; ++k) {
             const Halfway<V> h =
                 k < kDividerVectors
-                    ? adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
-                                                             at + k * L::width, by_divider)
-                    : adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
-                                                             at + k * L::width, by_fma);
+                    ? adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                                                                             at + k * L::width, by_divider)
+                    : adam_moments<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
+                                                                             at + k * L::width, by_fma);
             p[k] = h.param;
             m[k] = h.scaled_exp_avg;
             root[k] = h.root;
         }
     };
     const auto second_halves = [&](std::int64_t at, const V* p, const V* m, const V* root) {
-        for (int k = 0; k < vectors; ++k) adam_param<V>(param, c, at + k * L::width, Halfway<V>{p[k], m[k], root[k]});
+        for (int k = 0; k < vectors; ++k) adam_param<V>(param, c, at + k * L::width, Halfway<V>{p[k], m[k], root[k]}, param_out);
     };
     if (rounding_to_nearest() && i + group <= end) {
         V p[vectors], m[vectors], root[vectors];
@@ -237,22 +282,29 @@ std::int64_t adam_vectors(float* FASTADAM_RESTRICT param, const float* FASTADAM_
 }
 #endif
 
-template <class T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD>
-void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t begin, std::int64_t end) {
-    T* FASTADAM_RESTRICT param = t.param;
-    const T* FASTADAM_RESTRICT grad = t.grad;
-    T* FASTADAM_RESTRICT exp_avg = t.exp_avg;
-    T* FASTADAM_RESTRICT exp_avg_sq = t.exp_avg_sq;
-    T* FASTADAM_RESTRICT max_exp_avg_sq = t.max_exp_avg_sq;
+// Elements [begin, end) of arrays stored as P, G, S (and O, param_out's storage):
+// the vector loop where the target has one, then one element at a time.
+template <class T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD, bool GRAD_MUL = false, class P, class G,
+          class S, class O = NoOut>
+void adam_range(P* FASTADAM_RESTRICT param, const G* FASTADAM_RESTRICT grad, S* FASTADAM_RESTRICT exp_avg,
+                S* FASTADAM_RESTRICT exp_avg_sq, S* FASTADAM_RESTRICT max_exp_avg_sq, const AdamScalars<T>& s, std::int64_t begin,
+                std::int64_t end, O* FASTADAM_RESTRICT param_out = nullptr) {
     const AdamScalars<T> c = s;  // local copy: the compiler keeps the scalars in registers
     std::int64_t i = begin;
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
     if constexpr (std::is_same<T, float>::value)
-        i = adam_vectors<WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, begin, end);
+        i = adam_vectors<WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, begin,
+                                                                         end, param_out);
 #endif
     const auto sqrt = [](T x) { return Lane<T>::sqrt(x); };
     for (; i < end; ++i)
-        adam_update<T, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt);
+        adam_update<T, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, i, sqrt,
+                                                                       param_out);
+}
+
+template <class T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool LERP_FROM_GRAD>
+void adam_loop(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t begin, std::int64_t end) {
+    adam_range<T, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD>(t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq, s, begin, end);
 }
 
 // The square root of the float loops' FMA lanes, over n elements: a test hook
@@ -297,6 +349,248 @@ void adam_segment(const AdamTensor<T>& t, const AdamScalars<T>& s, std::int64_t 
     if (h.weight_decay == 0.0) adam_loop_amsgrad<T, WeightDecay::none>(t, s, begin, end);
     else if (h.decoupled_weight_decay) adam_loop_amsgrad<T, WeightDecay::decoupled>(t, s, begin, end);
     else adam_loop_amsgrad<T, WeightDecay::l2>(t, s, begin, end);
+}
+
+// ----- mixed precision (docs/design.md, "Mixed precision") ------------------------------
+// Every element takes the float update of the documented order, whether fused or
+// staged, so every path and thread count gives the bits of the reference.
+
+
+// Calls f(static_cast<S*>(data)) with S the C++ type of `storage`.
+template <class F>
+inline void with_storage(Storage storage, const void* data, F&& f) {
+    if (storage == Storage::bfloat16) f(static_cast<const Bf16*>(data));
+    else if (storage == Storage::float16) f(static_cast<const F16*>(data));
+    else f(static_cast<const float*>(data));
+}
+template <class F>
+inline void with_storage(Storage storage, void* data, F&& f) {
+    if (storage == Storage::bfloat16) f(static_cast<Bf16*>(data));
+    else if (storage == Storage::float16) f(static_cast<F16*>(data));
+    else f(static_cast<float*>(data));
+}
+
+template <class S>
+inline void widen_as(float* FASTADAM_RESTRICT out, const S* FASTADAM_RESTRICT in, std::int64_t n) {
+    std::int64_t i = 0;
+#if defined(FASTADAM_HAVE_F32X16)
+    if constexpr (std::is_same<S, Bf16>::value)
+        for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
+#endif
+    for (; i < n; ++i) out[i] = to_float(in[i]);
+}
+template <class S>
+inline void narrow_as(S* FASTADAM_RESTRICT out, const float* FASTADAM_RESTRICT in, std::int64_t n) {
+    std::int64_t i = 0;
+#if defined(FASTADAM_HAVE_F32X16)
+    if constexpr (std::is_same<S, Bf16>::value)
+        for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
+#endif
+    for (; i < n; ++i) from_float(out[i], in[i]);
+}
+inline void widen(float* FASTADAM_RESTRICT out, Storage storage, const void* data, std::int64_t at, std::int64_t n) {
+    with_storage(storage, data, [&](auto* in) { widen_as(out, in + at, n); });
+}
+inline void narrow(void* data, Storage storage, const float* FASTADAM_RESTRICT in, std::int64_t at, std::int64_t n) {
+    with_storage(storage, data, [&](auto* out) { narrow_as(out + at, in, n); });
+}
+
+// x / scale has the bits of x * (1 / scale) when scale is a power of two whose
+// reciprocal is a float (GradScaler's scales are): the multiplication spares the
+// divide unit, which the Adam loop keeps busy.
+inline bool reciprocal_is_exact(float scale) {
+    const std::uint32_t u = bits_of(scale), exponent = (u >> 23) & 0xffu;
+    return (u & 0x807fffffu) == 0 && exponent >= 1 && exponent <= 253;
+}
+enum class Unscale { none, divide, multiply };
+
+// The gradient as Adam sees it: widened, divided by grad_scale, multiplied by clip_coef.
+template <Unscale UNSCALE, bool CLIP, class G>
+inline void stage_grad_as(float* FASTADAM_RESTRICT out, const G* FASTADAM_RESTRICT in, std::int64_t n, float scale, float coef) {
+    const float reciprocal = 1.0f / scale;
+    const auto transform = [&](auto g, auto broadcast) {
+        if (UNSCALE == Unscale::divide) g = g / broadcast(scale);
+        if (UNSCALE == Unscale::multiply) g = g * broadcast(reciprocal);
+        if (CLIP) g = g * broadcast(coef);
+        return g;
+    };
+    std::int64_t i = 0;
+#if defined(FASTADAM_HAVE_F32X16)
+    using L = Lane<F32x16>;
+    if constexpr (!std::is_same<G, F16>::value)
+        for (; i + 16 <= n; i += 16) L::store(out + i, transform(L::load(in + i), L::broadcast));
+#endif
+    for (; i < n; ++i) out[i] = transform(to_float(in[i]), [](float x) { return x; });
+}
+inline void stage_grad(float* FASTADAM_RESTRICT out, Storage storage, const void* data, std::int64_t at, std::int64_t n,
+                       const GradTransform& t) {
+    const Unscale unscale = !t.unscale ? Unscale::none : reciprocal_is_exact(t.grad_scale) ? Unscale::multiply : Unscale::divide;
+    const auto stage = [&](auto* in, auto unscale_tag, auto clip_tag) {
+        stage_grad_as<decltype(unscale_tag)::value, decltype(clip_tag)::value>(out, in + at, n, t.grad_scale, t.clip_coef);
+    };
+    with_storage(storage, data, [&](auto* in) {
+        using std::integral_constant;
+        const auto by_clip = [&](auto unscale_tag) {
+            if (t.clip) stage(in, unscale_tag, integral_constant<bool, true>{});
+            else stage(in, unscale_tag, integral_constant<bool, false>{});
+        };
+        if (unscale == Unscale::none) by_clip(integral_constant<Unscale, Unscale::none>{});
+        else if (unscale == Unscale::divide) by_clip(integral_constant<Unscale, Unscale::divide>{});
+        else by_clip(integral_constant<Unscale, Unscale::multiply>{});
+    });
+}
+
+// Elements per stage: five float buffers of 2 KiB stay in L1 beside the loop's streams.
+#ifndef FASTADAM_STAGE_ELEMENTS
+#define FASTADAM_STAGE_ELEMENTS 512
+#endif
+constexpr std::int64_t kStageElements = FASTADAM_STAGE_ELEMENTS;
+
+// The fused loop: the arrays' storages are template parameters, loads widen and stores
+// round in registers, and the gradient transform is two multiplications
+// (AdamScalars::grad_unscale, grad_clip). Instantiated for the common layouts only
+// (adam_fused_segment); docs/design.md, "Mixed precision".
+template <class P, class G, class S, class O, WeightDecay WD, bool LERP_FROM_GRAD>
+void adam_fused_as(const AdamMixedTensor& t, const AdamScalars<float>& s, std::int64_t begin, std::int64_t end) {
+    adam_range<float, WD, false, false, LERP_FROM_GRAD, true>(static_cast<P*>(t.param), static_cast<const G*>(t.grad),
+                                                             static_cast<S*>(t.exp_avg), static_cast<S*>(t.exp_avg_sq),
+                                                             static_cast<S*>(nullptr), s, begin, end, static_cast<O*>(t.param_out));
+}
+template <class P, class G, class S, class O>
+void adam_fused(const AdamMixedTensor& t, const AdamScalars<float>& s, std::int64_t begin, std::int64_t end) {
+    const AdamHyperparams& h = *t.hyper;
+    const bool lerp = lerp_from_grad<float>(h);
+    if (h.weight_decay == 0.0)
+        (lerp ? adam_fused_as<P, G, S, O, WeightDecay::none, true> : adam_fused_as<P, G, S, O, WeightDecay::none, false>)(t, s, begin, end);
+    else if (h.decoupled_weight_decay)
+        (lerp ? adam_fused_as<P, G, S, O, WeightDecay::decoupled, true>
+              : adam_fused_as<P, G, S, O, WeightDecay::decoupled, false>)(t, s, begin, end);
+    else
+        (lerp ? adam_fused_as<P, G, S, O, WeightDecay::l2, true> : adam_fused_as<P, G, S, O, WeightDecay::l2, false>)(t, s, begin, end);
+}
+
+// The fused loop where it is instantiated: bfloat16 storages in the layouts of master
+// weights, bf16 states and bf16 models, without amsgrad or maximize, and a grad_scale
+// whose reciprocal is exact. Returns false where the staged loop must do the step.
+inline bool adam_fused_segment(const AdamMixedTensor& t, const AdamScalars<float>& scalars, std::int64_t begin, std::int64_t end) {
+    const AdamHyperparams& h = *t.hyper;
+    const GradTransform none;
+    const GradTransform& transform = t.transform ? *t.transform : none;
+    if (h.amsgrad || h.maximize || (transform.unscale && !reciprocal_is_exact(transform.grad_scale))) return false;
+    if (t.param_out != nullptr && t.param_out_dtype != Storage::bfloat16) return false;
+    AdamScalars<float> s = scalars;
+    s.grad_unscale = transform.unscale ? 1.0f / transform.grad_scale : 1.0f;
+    s.grad_clip = transform.clip ? transform.clip_coef : 1.0f;
+    constexpr Storage f32 = Storage::float32, bf16 = Storage::bfloat16;
+    const bool out = t.param_out != nullptr;
+    const auto is = [&](Storage param, Storage grad, Storage state, bool param_out) {
+        return t.param_dtype == param && t.grad_dtype == grad && t.state_dtype == state && out == param_out;
+    };
+    if (is(f32, bf16, f32, true)) adam_fused<float, Bf16, float, Bf16>(t, s, begin, end);
+    else if (is(f32, bf16, bf16, true)) adam_fused<float, Bf16, Bf16, Bf16>(t, s, begin, end);
+    else if (is(f32, f32, f32, true)) adam_fused<float, float, float, Bf16>(t, s, begin, end);
+    else if (is(f32, f32, f32, false)) adam_fused<float, float, float, NoOut>(t, s, begin, end);
+    else if (is(f32, f32, bf16, false)) adam_fused<float, float, Bf16, NoOut>(t, s, begin, end);
+    else if (is(bf16, bf16, bf16, false)) adam_fused<Bf16, Bf16, Bf16, NoOut>(t, s, begin, end);
+    else if (is(bf16, bf16, f32, false)) adam_fused<Bf16, Bf16, float, NoOut>(t, s, begin, end);
+    else return false;
+    return true;
+}
+
+// Everything else: a narrow array is widened a stage at a time into a float buffer that
+// the float loop updates; what it wrote is then rounded back.
+inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float>& s, std::int64_t begin, std::int64_t end) {
+    if (adam_fused_segment(t, s, begin, end)) return;
+    alignas(64) float param[kStageElements], grad[kStageElements], exp_avg[kStageElements], exp_avg_sq[kStageElements],
+        max_exp_avg_sq[kStageElements];
+    const bool amsgrad = t.hyper->amsgrad;
+    const bool narrow_param = t.param_dtype != Storage::float32, narrow_state = t.state_dtype != Storage::float32;
+    const bool direct_grad = t.grad_dtype == Storage::float32 && t.transform == nullptr;
+    for (std::int64_t at = begin; at < end; at += kStageElements) {
+        const std::int64_t n = end - at < kStageElements ? end - at : kStageElements;
+        AdamTensor<float> f;
+        f.size = n;
+        f.step = t.step;
+        f.hyper = t.hyper;
+        f.param = narrow_param ? param : static_cast<float*>(t.param) + at;
+        if (narrow_param) widen(param, t.param_dtype, t.param, at, n);
+        f.grad = direct_grad ? static_cast<const float*>(t.grad) + at : grad;
+        if (!direct_grad) stage_grad(grad, t.grad_dtype, t.grad, at, n, t.transform ? *t.transform : GradTransform{});
+        if (narrow_state) {
+            f.exp_avg = exp_avg;
+            f.exp_avg_sq = exp_avg_sq;
+            widen(exp_avg, t.state_dtype, t.exp_avg, at, n);
+            widen(exp_avg_sq, t.state_dtype, t.exp_avg_sq, at, n);
+            if (amsgrad) {
+                f.max_exp_avg_sq = max_exp_avg_sq;
+                widen(max_exp_avg_sq, t.state_dtype, t.max_exp_avg_sq, at, n);
+            }
+        } else {
+            f.exp_avg = static_cast<float*>(t.exp_avg) + at;
+            f.exp_avg_sq = static_cast<float*>(t.exp_avg_sq) + at;
+            if (amsgrad) f.max_exp_avg_sq = static_cast<float*>(t.max_exp_avg_sq) + at;
+        }
+        adam_segment<float>(f, s, 0, n);
+        if (narrow_param) narrow(t.param, t.param_dtype, param, at, n);
+        if (t.param_out != nullptr) narrow(t.param_out, t.param_out_dtype, f.param, at, n);
+        if (narrow_state) {
+            narrow(t.exp_avg, t.state_dtype, exp_avg, at, n);
+            narrow(t.exp_avg_sq, t.state_dtype, exp_avg_sq, at, n);
+            if (amsgrad) narrow(t.max_exp_avg_sq, t.state_dtype, max_exp_avg_sq, at, n);
+        }
+    }
+}
+
+// The sum of squares of up to kNormBlock gradient elements (widened, divided by
+// grad_scale when unscale), in the fixed order of fastadam.reference.grad_sq_sum:
+// element i adds to accumulator i % 16, sequentially; then the 16 are added pairwise
+// (0+8, 1+9, ..., then 0+4, ...). A float's square is exact in double.
+template <Unscale UNSCALE, class G>
+inline double grad_sq_block_as(const G* FASTADAM_RESTRICT g, std::int64_t n, float scale) {
+    const float reciprocal = 1.0f / scale;
+    double acc[16] = {};
+    const auto term = [&](std::int64_t i) {
+        float u = to_float(g[i]);
+        if (UNSCALE == Unscale::divide) u = u / scale;
+        if (UNSCALE == Unscale::multiply) u = u * reciprocal;
+        return static_cast<double>(u) * static_cast<double>(u);
+    };
+    std::int64_t i = 0;
+#if defined(FASTADAM_HAVE_F32X16)
+    if constexpr (!std::is_same<G, F16>::value) {
+        // acc[4k..4k+3] in quarter k: four 4-double sums (256-bit conversions to double
+        // are single operations where 512-bit ones are not, on Zen 4 and 5).
+        using L = Lane<F32x16>;
+        __m256d q[4];
+        for (int k = 0; k < 4; ++k) q[k] = _mm256_loadu_pd(acc + 4 * k);
+        const __m512 r = _mm512_set1_ps(reciprocal), sc = _mm512_set1_ps(scale);
+        for (; i + 16 <= n; i += 16) {
+            __m512 u = L::load(g + i).r;
+            if (UNSCALE == Unscale::divide) u = _mm512_div_ps(u, sc);
+            if (UNSCALE == Unscale::multiply) u = _mm512_mul_ps(u, r);
+            const __m256 lo = _mm512_castps512_ps256(u), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1));
+            const __m256d d[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)),
+                                  _mm256_cvtps_pd(_mm256_castps256_ps128(hi)), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1))};
+            for (int k = 0; k < 4; ++k) q[k] = _mm256_add_pd(q[k], _mm256_mul_pd(d[k], d[k]));
+        }
+        for (int k = 0; k < 4; ++k) _mm256_storeu_pd(acc + 4 * k, q[k]);
+    }
+#endif
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += term(i + j);
+    for (int j = 0; i + j < n; ++j) acc[j] += term(i + j);
+    for (int width = 8; width >= 1; width /= 2)
+        for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+    return acc[0];
+}
+inline double grad_sq_block(Storage storage, const void* data, std::int64_t at, std::int64_t n, bool unscale, float scale) {
+    double out = 0.0;
+    with_storage(storage, data, [&](auto* g) {
+        if (!unscale) out = grad_sq_block_as<Unscale::none>(g + at, n, scale);
+        else if (reciprocal_is_exact(scale)) out = grad_sq_block_as<Unscale::multiply>(g + at, n, scale);
+        else out = grad_sq_block_as<Unscale::divide>(g + at, n, scale);
+    });
+    return out;
 }
 
 // SGD, torch.optim.SGD's order: g = -grad (maximize); g = g + wd*p; on the first

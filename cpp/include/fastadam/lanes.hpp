@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "fastadam/convert.hpp"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define FASTADAM_HAVE_F32X16 1
@@ -52,6 +54,11 @@ template <class T>
 struct Lane {
     static T load(const T* p) { return *p; }
     static void store(T* p, T x) { *p = x; }
+    // 2-byte storages of a float32-arithmetic step (convert.hpp); used with T = float only.
+    static T load(const Bf16* p) { return to_float(*p); }
+    static T load(const F16* p) { return to_float(*p); }
+    static void store(Bf16* p, T x) { from_float(*p, x); }
+    static void store(F16* p, T x) { from_float(*p, x); }
     static T broadcast(T x) { return x; }
     static T sqrt(T x) { return ieee_sqrt(x); }
     template <class... U>
@@ -171,6 +178,22 @@ struct Lane<F32x16> : VectorLane {
     }
     static void store_first(float* p, F32x16 x, int count) { _mm512_mask_storeu_ps(p, first_lanes(count), x.r); }
     static __mmask16 first_lanes(int count) { return static_cast<__mmask16>((1u << count) - 1u); }
+    // bfloat16 storage (convert.hpp): widening is a shift; narrowing is narrow_bf16's
+    // integer rounding in every lane, then a truncating pack (vpmovdw, AVX-512F).
+    static F32x16 load(const Bf16* p) {
+        const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return {_mm512_castsi512_ps(_mm512_slli_epi32(h, 16))};
+    }
+    static void store(Bf16* p, F32x16 x) {
+        const __m512i u = _mm512_castps_si512(x.r);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+        const __mmask16 nan = _mm512_cmp_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                    _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLE);
+        const __m512i quiet = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)),
+                                              _mm512_set1_epi32(0x7fc0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
+    }
 };
 #endif
 
@@ -198,6 +221,23 @@ struct Lane<F32x8> : VectorLane {
     static void store(float* p, F32x8 x) { _mm256_storeu_ps(p, x.r); }
     static F32x8 broadcast(float x) { return {_mm256_set1_ps(x)}; }
     static F32x8 sqrt(F32x8 x) { return {_mm256_sqrt_ps(x.r)}; }
+    // bfloat16 storage, as Lane<F32x16>'s; AVX2 packs with unsigned saturation (every
+    // rounded lane fits 16 bits) and puts the two halves' results together.
+    static F32x8 load(const Bf16* p) {
+        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        return {_mm256_castsi256_ps(_mm256_slli_epi32(h, 16))};
+    }
+    static void store(Bf16* p, F32x8 x) {
+        const __m256i u = _mm256_castps_si256(x.r);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+        const __m256i quiet = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)),
+                                              _mm256_set1_epi32(0x7fc0));
+        const __m256i h = _mm256_blendv_epi8(rounded, quiet, nan);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    }
 };
 #endif
 

@@ -58,6 +58,9 @@ template <class T>
 struct AdamScalars {
     T lerp_weight, beta2, one_minus_beta2, weight_decay, decay_factor;
     T step_size, inv_bias_correction2_sqrt, eps;
+    // Mixed precision's gradient transform in the fused loop (kernels.hpp,
+    // adam_mixed_segment): g = (g * grad_unscale) * grad_clip, each 1 when unused.
+    T grad_unscale = T(1), grad_clip = T(1);
 };
 
 template <class T>
@@ -77,6 +80,51 @@ inline AdamScalars<T> adam_scalars(const AdamHyperparams& h, std::int64_t step) 
     out.eps = static_cast<T>(h.eps);
     return out;
 }
+
+// How a float32-arithmetic tensor's array is stored (mixed precision, docs/design.md
+// "Mixed precision"): loads widen exactly to float, stores round to nearest even.
+enum class Storage : std::uint8_t { float32 = 0, bfloat16 = 1, float16 = 2 };
+
+inline int storage_bytes(Storage s) { return s == Storage::float32 ? 4 : 2; }
+
+// What a mixed-precision step does to every gradient before Adam sees it, the same for
+// all tensors of the step: g = grad / grad_scale (loss scaling, as torch's fused Adam),
+// then g = g * clip_coef (global-norm clipping, torch's clip_grad_norm_ coefficient).
+struct GradTransform {
+    bool unscale = false;
+    float grad_scale = 1.0f;
+    bool clip = false;
+    float clip_coef = 1.0f;
+};
+
+// One tensor of a mixed-precision Adam step: the arithmetic is float32's (AdamTensor<float>),
+// each array stored as `*_dtype` says. param_out (nullable) receives the updated param
+// rounded to param_out_dtype (a bf16/fp16 model copy of fp32 master weights).
+struct AdamMixedTensor {
+    void* param = nullptr;
+    const void* grad = nullptr;
+    void* exp_avg = nullptr;
+    void* exp_avg_sq = nullptr;
+    void* max_exp_avg_sq = nullptr;  // only read and written when hyper->amsgrad
+    void* param_out = nullptr;
+    Storage param_dtype = Storage::float32, grad_dtype = Storage::float32, state_dtype = Storage::float32,
+            param_out_dtype = Storage::bfloat16;
+    std::int64_t size = 0;
+    std::int64_t step = 1;
+    const AdamHyperparams* hyper = nullptr;
+    const GradTransform* transform = nullptr;  // nullptr: the gradient as it is
+};
+
+// A gradient for the global-norm pass (grad_sq_sum).
+struct GradView {
+    const void* data = nullptr;
+    Storage dtype = Storage::float32;
+    std::int64_t size = 0;
+};
+
+// The norm pass sums squares in blocks of this many elements of one tensor, in a fixed
+// order (fastadam.reference.grad_sq_sum): the same bits for every thread count and path.
+constexpr std::int64_t kNormBlock = 4096;
 
 // SGD with momentum, torch.optim.SGD semantics.
 struct SgdHyperparams {

@@ -1,0 +1,185 @@
+"""Mixed-precision Adam steps: fastadam's one pass against torch's (and DeepSpeed's) pipelines.
+
+Cases (2 threads each side, interleaved rounds, medians; docs/performance.md, "Mixed precision"):
+
+* ``offload``: GPT-2 small's 148 tensors (124M parameters) as a ZeRO-Offload / FSDP-offload
+  step keeps them: fp32 master weights and states, bf16 gradients, the bf16 model written
+  back, loss scale 1024, ``max_grad_norm`` 1. fastadam: one ``adam_step_multi`` call
+  (a read-only norm pass, then the fused Adam pass). torch: its fastest pipeline for the
+  job: ``_foreach_copy_`` widens the bf16 grads into the masters' fp32 ``.grad``,
+  ``_amp_foreach_non_finite_check_and_unscale_`` unscales them (GradScaler.unscale_),
+  ``clip_grad_norm_(foreach=True)``, ``AdamW(fused=True).step()``, ``_foreach_copy_`` into
+  the bf16 params. DeepSpeed (``--deepspeed``): the same pipeline with
+  ``DeepSpeedCPUAdam(adamw_mode=True)`` as the step.
+* ``bf16-states``: one tensor, fp32 params and grads, bf16 ``exp_avg``/``exp_avg_sq``,
+  against torch's fused AdamW on fp32 (torch has no bf16 states for fp32 params).
+* ``all-bf16``: one tensor, bf16 params, grads and states, against torch's fused AdamW on
+  bf16 params (its states are bf16 too).
+
+    python bench/mixed_precision.py                     # every case (offload holds ~5 GB)
+    python bench/mixed_precision.py --cases all-bf16 --sizes 1e6,5e7 --rounds 21
+    python bench/mixed_precision.py --deepspeed         # adds DeepSpeed to offload (compiles its op once)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import fastadam
+
+try:
+    import ml_dtypes
+    import torch
+except ImportError as error:
+    sys.exit(f"bench/mixed_precision.py needs torch and ml_dtypes: pip install torch==2.13.0 ml_dtypes ({error})")
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from cases import gpt2_small_shapes  # noqa: E402
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+LR, WEIGHT_DECAY, GRAD_SCALE, MAX_GRAD_NORM = 1e-4, 0.01, 1024.0, 1.0
+# Bytes each pass moves per element (reads + writes, no write-allocate), fastadam's modes.
+BYTES = {"offload": 2 + 28, "bf16-states": 20, "all-bf16": 14}
+
+Step = Callable[[], object]
+
+
+def _data(shapes: list[tuple[int, ...]], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(s, dtype=np.float32) * np.float32(0.02), rng.standard_normal(s, dtype=np.float32) * np.float32(1e-2))
+            for s in shapes]  # fmt: skip
+
+
+def offload_contenders(shapes: list[tuple[int, ...]], deepspeed: bool) -> dict[str, Step]:
+    data = _data(shapes)
+    out: dict[str, Step] = {}
+
+    # fastadam: fp32 masters and states, bf16 grads (scaled), the bf16 model written in the same pass.
+    masters = [p.copy() for p, _ in data]
+    grads = [(g * np.float32(GRAD_SCALE)).astype(BF16) for _, g in data]
+    exp_avgs = [np.zeros_like(p) for p in masters]
+    exp_avg_sqs = [np.zeros_like(p) for p in masters]
+    model = [p.astype(BF16) for p in masters]
+    count = [0]
+
+    def fastadam_step() -> object:
+        count[0] += 1
+        return fastadam.adam_step_multi(masters, grads, exp_avgs, exp_avg_sqs, steps=count[0], lr=LR, weight_decay=WEIGHT_DECAY,
+                                        decoupled_weight_decay=True, params_out=model, grad_scale=GRAD_SCALE,
+                                        max_grad_norm=MAX_GRAD_NORM)  # fmt: skip
+
+    out["fastadam"] = fastadam_step
+
+    def pipeline(make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> Step:
+        t_masters = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p, _ in data]
+        for p in t_masters:
+            p.grad = torch.zeros_like(p)
+        t_model = [p.detach().to(torch.bfloat16) for p in t_masters]
+        t_grads = [torch.from_numpy(g * np.float32(GRAD_SCALE)).to(torch.bfloat16) for _, g in data]
+        master_grads = [p.grad for p in t_masters]
+        found_inf, inv_scale = torch.zeros(1), torch.full((1,), 1.0 / GRAD_SCALE)
+        opt = make_optimizer(t_masters)
+
+        def step() -> object:
+            torch._foreach_copy_(master_grads, t_grads)
+            found_inf.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(master_grads, found_inf, inv_scale)
+            if found_inf.item():
+                return None
+            norm = torch.nn.utils.clip_grad_norm_(t_masters, MAX_GRAD_NORM, foreach=True)
+            opt.step()
+            torch._foreach_copy_(t_model, [p.detach() for p in t_masters])
+            return norm
+
+        return step
+
+    out["torch"] = pipeline(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, fused=True))
+    if deepspeed:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        out["DeepSpeed"] = pipeline(lambda ps: DeepSpeedCPUAdam(ps, lr=LR, weight_decay=WEIGHT_DECAY, adamw_mode=True))
+    return out
+
+
+def single_contenders(case: str, n: int) -> dict[str, Step]:
+    ((p0, g0),) = _data([(n,)])
+    state_dtype = BF16
+    param_dtype = np.dtype(np.float32) if case == "bf16-states" else BF16
+    param, grad = p0.astype(param_dtype), g0.astype(param_dtype)
+    exp_avg, exp_avg_sq = np.zeros(n, state_dtype), np.zeros(n, state_dtype)
+    count = [0]
+
+    def fastadam_step() -> object:
+        count[0] += 1
+        return fastadam.adam_step(param, grad, exp_avg, exp_avg_sq, step=count[0], lr=LR, weight_decay=WEIGHT_DECAY,
+                                  decoupled_weight_decay=True)  # fmt: skip
+
+    torch_dtype = torch.float32 if case == "bf16-states" else torch.bfloat16
+    t_param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(torch_dtype))
+    t_param.grad = torch.from_numpy(g0.copy()).to(torch_dtype)
+    opt = torch.optim.AdamW([t_param], lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    peer = "torch fused fp32" if case == "bf16-states" else "torch fused bf16"
+    return {"fastadam": fastadam_step, peer: opt.step}
+
+
+def measure(contenders: dict[str, Step], rounds: int) -> dict[str, float]:
+    """Median seconds per step, contenders interleaved in every round after two warm-up steps each."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for step in contenders.values():
+        step()
+        step()
+    for _ in range(rounds):
+        for name, step in contenders.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(title: str, elements: int, medians: dict[str, float], bytes_per_element: int) -> None:
+    fast = medians["fastadam"]
+    print(f"\n{title}: {elements:,} elements, medians")
+    print(f"| contender | ms | fastadam's speed-up |")
+    print("|---|---|---|")
+    for name, t in medians.items():
+        print(f"| {name} | {t * 1e3:.2f} | {t / fast:.2f}x |")
+    print(f"fastadam: {bytes_per_element} bytes/element, {elements * bytes_per_element / fast / 1e9:.1f} GB/s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="offload,bf16-states,all-bf16")
+    ap.add_argument("--sizes", default="1e6,5e7", help="single-tensor sizes (default 1e6,5e7)")
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--deepspeed", action="store_true", help="add DeepSpeed's CPUAdam to the offload case")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    unknown = set(cases) - set(BYTES)
+    if unknown:
+        ap.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(BYTES)}")
+    torch.set_num_threads(args.threads)
+    fastadam.set_num_threads(args.threads)
+    print(f"fastadam {fastadam.__version__}, ISA {fastadam.get_isa()}, torch {torch.__version__}, {args.threads} threads")
+    for case in cases:
+        if case == "offload":
+            shapes = gpt2_small_shapes()
+            contenders = offload_contenders(shapes, args.deepspeed)
+            report("offload, GPT-2 small", sum(int(np.prod(s)) for s in shapes), measure(contenders, args.rounds), BYTES[case])
+            del contenders
+            continue
+        for size in args.sizes.split(","):
+            n = int(float(size))
+            report(f"{case}, one tensor", n, measure(single_contenders(case, n), max(args.rounds, int(args.rounds * 1e7 / n) // 10)),
+                   BYTES[case])  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
