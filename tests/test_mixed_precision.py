@@ -40,6 +40,7 @@ VARIANTS = {
     "adam": {},
     "adamw": {"weight_decay": 0.1, "decoupled_weight_decay": True},
     "amsgrad-l2-maximize": {"amsgrad": True, "weight_decay": 0.05, "maximize": True},
+    "beta1-low-l2": {"betas": (0.3, 0.999), "weight_decay": 0.1},
 }
 SIZES = [1, 17, 4099, 200003]  # vector tails, norm blocks of 4096, past the one-thread threshold
 

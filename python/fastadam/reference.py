@@ -62,6 +62,7 @@ __all__ = ["adam_step", "adam_step_multi", "grad_sq_sum", "sgd_step"]
 
 # The norm pass sums squares in blocks of this many elements (the kernel's kNormBlock).
 NORM_BLOCK = 4096
+NORM_LANES = 16
 
 
 def _adam_update(
@@ -119,8 +120,8 @@ def grad_sq_sum(grads: list[np.ndarray], grad_scale: float | None = None) -> flo
 
     Each element is widened to float32 (divided by ``float32(grad_scale)`` if given) and
     squared in double (exactly). Per tensor, blocks of ``NORM_BLOCK`` elements: element i
-    of a block adds to accumulator ``i % 16`` in order; the 16 accumulators are then
-    added pairwise (``a[j] + a[j + 8]``, then ``+ 4``, ``+ 2``, ``+ 1``). The blocks' sums
+    of a block adds to accumulator ``i % NORM_LANES`` (16) in order; the accumulators are
+    then added pairwise (``a[j] + a[j + 8]``, then ``+ 4``, ``+ 2``, ``+ 1``). The blocks' sums
     are added in order, tensor after tensor. Its square root is the global L2 norm.
     """
     block_sums = []
@@ -131,9 +132,11 @@ def grad_sq_sum(grads: list[np.ndarray], grad_scale: float | None = None) -> flo
         blocks = -(-u.size // NORM_BLOCK)
         squares = np.zeros(blocks * NORM_BLOCK, np.float64)  # padding adds +0.0: no change
         squares[: u.size] = u.astype(np.float64) ** 2
-        acc = np.cumsum(squares.reshape(blocks, NORM_BLOCK // 16, 16), axis=1)[:, -1, :]
-        for width in (8, 4, 2, 1):
+        acc = np.cumsum(squares.reshape(blocks, NORM_BLOCK // NORM_LANES, NORM_LANES), axis=1)[:, -1, :]
+        width = NORM_LANES // 2
+        while width >= 1:
             acc = acc[:, :width] + acc[:, width : 2 * width]
+            width //= 2
         block_sums.append(acc[:, 0])
     sums = np.concatenate(block_sums) if block_sums else np.zeros(0)
     return float(np.cumsum(sums)[-1]) if sums.size else 0.0

@@ -184,42 +184,33 @@ std::int64_t adam_vectors(P* FASTADAM_RESTRICT param, const G* FASTADAM_RESTRICT
     // update is the vector one: up to 15 elements cost one vector, not 15 scalar
     // square roots and divisions (a 1000-element tensor had up to 30 of those).
     // 2-byte storages are widened into the buffer and rounded back one element at a time.
-    constexpr bool all_float = std::is_same<P, float>::value && std::is_same<G, float>::value && std::is_same<S, float>::value &&
-                               std::is_same<O, NoOut>::value;
     const auto partial = [&](std::int64_t at, int count) {
         alignas(64) float p[L::width], g[L::width], m[L::width], v[L::width], v_max[L::width];
-        if constexpr (all_float) {
-            const auto stage = [&](float* to, const float* from) { L::store(to, L::load_first(from + at, count)); };
-            const auto unstage = [&](float* to, const float* from) { L::store_first(to + at, L::load(from), count); };
-            stage(p, param);
-            stage(g, grad);
-            stage(m, exp_avg);
-            stage(v, exp_avg_sq);
-            if constexpr (AMSGRAD) stage(v_max, max_exp_avg_sq);
-            adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(p, g, m, v, v_max, c, 0, by_divider);
-            unstage(param, p);
-            unstage(exp_avg, m);
-            unstage(exp_avg_sq, v);
-            if constexpr (AMSGRAD) unstage(max_exp_avg_sq, v_max);
-        } else {
-            const auto stage = [&](float* to, const auto* from) {
+        const auto stage = [&](float* to, const auto* from) {
+            if constexpr (std::is_same<decltype(from), const float*>::value) {
+                L::store(to, L::load_first(from + at, count));
+            } else {
                 for (int j = 0; j < L::width; ++j) to[j] = to_float(from[at + (j < count ? j : 0)]);
-            };
-            const auto unstage = [&](auto* to, const float* from) {
+            }
+        };
+        const auto unstage = [&](auto* to, const float* from) {
+            if constexpr (std::is_same<decltype(to), float*>::value) {
+                L::store_first(to + at, L::load(from), count);
+            } else {
                 for (int j = 0; j < count; ++j) from_float(to[at + j], from[j]);
-            };
-            stage(p, param);
-            stage(g, grad);
-            stage(m, exp_avg);
-            stage(v, exp_avg_sq);
-            if constexpr (AMSGRAD) stage(v_max, max_exp_avg_sq);
-            adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(p, g, m, v, v_max, c, 0, by_divider);
-            unstage(param, p);
-            if constexpr (!std::is_same<O, NoOut>::value) unstage(param_out, p);
-            unstage(exp_avg, m);
-            unstage(exp_avg_sq, v);
-            if constexpr (AMSGRAD) unstage(max_exp_avg_sq, v_max);
-        }
+            }
+        };
+        stage(p, static_cast<const P*>(param));
+        stage(g, grad);
+        stage(m, static_cast<const S*>(exp_avg));
+        stage(v, static_cast<const S*>(exp_avg_sq));
+        if constexpr (AMSGRAD) stage(v_max, static_cast<const S*>(max_exp_avg_sq));
+        adam_update<V, WD, AMSGRAD, MAXIMIZE, LERP_FROM_GRAD, GRAD_MUL>(p, g, m, v, v_max, c, 0, by_divider);
+        unstage(param, p);
+        if constexpr (!std::is_same<O, NoOut>::value) unstage(param_out, p);
+        unstage(exp_avg, m);
+        unstage(exp_avg_sq, v);
+        if constexpr (AMSGRAD) unstage(max_exp_avg_sq, v_max);
     };
     if (peel > 0) partial(i, static_cast<int>(peel));
     i += peel;
@@ -448,35 +439,30 @@ constexpr std::int64_t kStageElements = FASTADAM_STAGE_ELEMENTS;
 
 // The fused loop: the arrays' storages are template parameters, loads widen and stores
 // round in registers, and the gradient transform is two multiplications
-// (AdamScalars::grad_unscale, grad_clip). Instantiated for the common layouts only
-// (adam_fused_segment); docs/design.md, "Mixed precision".
-template <class P, class G, class S, class O, WeightDecay WD, bool LERP_FROM_GRAD>
-void adam_fused_as(const AdamMixedTensor& t, const AdamScalars<float>& s, std::int64_t begin, std::int64_t end) {
-    adam_range<float, WD, false, false, LERP_FROM_GRAD, true>(static_cast<P*>(t.param), static_cast<const G*>(t.grad),
-                                                             static_cast<S*>(t.exp_avg), static_cast<S*>(t.exp_avg_sq),
-                                                             static_cast<S*>(nullptr), s, begin, end, static_cast<O*>(t.param_out));
-}
+// (AdamScalars::grad_unscale, grad_clip). Instantiated for the common layouts and
+// AdamW/Adam without weight decay only (adam_fused_segment): each instantiation is a
+// whole vector loop, and the build time grows with their count. docs/design.md,
+// "Mixed precision".
 template <class P, class G, class S, class O>
 void adam_fused(const AdamMixedTensor& t, const AdamScalars<float>& s, std::int64_t begin, std::int64_t end) {
-    const AdamHyperparams& h = *t.hyper;
-    const bool lerp = lerp_from_grad<float>(h);
-    if (h.weight_decay == 0.0)
-        (lerp ? adam_fused_as<P, G, S, O, WeightDecay::none, true> : adam_fused_as<P, G, S, O, WeightDecay::none, false>)(t, s, begin, end);
-    else if (h.decoupled_weight_decay)
-        (lerp ? adam_fused_as<P, G, S, O, WeightDecay::decoupled, true>
-              : adam_fused_as<P, G, S, O, WeightDecay::decoupled, false>)(t, s, begin, end);
-    else
-        (lerp ? adam_fused_as<P, G, S, O, WeightDecay::l2, true> : adam_fused_as<P, G, S, O, WeightDecay::l2, false>)(t, s, begin, end);
+    adam_range<float, WeightDecay::decoupled, false, false, false, true>(static_cast<P*>(t.param), static_cast<const G*>(t.grad),
+                                                                        static_cast<S*>(t.exp_avg), static_cast<S*>(t.exp_avg_sq),
+                                                                        static_cast<S*>(nullptr), s, begin, end,
+                                                                        static_cast<O*>(t.param_out));
 }
 
 // The fused loop where it is instantiated: bfloat16 storages in the layouts of master
-// weights, bf16 states and bf16 models, without amsgrad or maximize, and a grad_scale
-// whose reciprocal is exact. Returns false where the staged loop must do the step.
+// weights, bf16 states and bf16 models; decoupled or no weight decay (no decay is the
+// decoupled loop with decay_factor 1 - lr*0 = 1, and p * 1 == p); without amsgrad,
+// maximize or exp_avg's lerp from grad (beta1 <= 0.5); a grad_scale whose reciprocal is
+// exact. Returns false where the staged loop must do the step.
 inline bool adam_fused_segment(const AdamMixedTensor& t, const AdamScalars<float>& scalars, std::int64_t begin, std::int64_t end) {
     const AdamHyperparams& h = *t.hyper;
     const GradTransform none;
     const GradTransform& transform = t.transform ? *t.transform : none;
-    if (h.amsgrad || h.maximize || (transform.unscale && !reciprocal_is_exact(transform.grad_scale))) return false;
+    if (h.amsgrad || h.maximize || lerp_from_grad<float>(h) || (h.weight_decay != 0.0 && !h.decoupled_weight_decay) ||
+        (transform.unscale && !reciprocal_is_exact(transform.grad_scale)))
+        return false;
     if (t.param_out != nullptr && t.param_out_dtype != Storage::bfloat16) return false;
     AdamScalars<float> s = scalars;
     s.grad_unscale = transform.unscale ? 1.0f / transform.grad_scale : 1.0f;
@@ -543,12 +529,13 @@ inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float
 
 // The sum of squares of up to kNormBlock gradient elements (widened, divided by
 // grad_scale when unscale), in the fixed order of fastadam.reference.grad_sq_sum:
-// element i adds to accumulator i % 16, sequentially; then the 16 are added pairwise
-// (0+8, 1+9, ..., then 0+4, ...). A float's square is exact in double.
+// element i adds to accumulator i % kNormLanes, sequentially; then the accumulators are
+// added pairwise (0+8, 1+9, ..., then 0+4, ...). A float's square is exact in double.
 template <Unscale UNSCALE, class G>
 inline double grad_sq_block_as(const G* FASTADAM_RESTRICT g, std::int64_t n, float scale) {
+    constexpr int lanes = static_cast<int>(kNormLanes);
     const float reciprocal = 1.0f / scale;
-    double acc[16] = {};
+    double acc[lanes] = {};
     const auto term = [&](std::int64_t i) {
         float u = to_float(g[i]);
         if (UNSCALE == Unscale::divide) u = u / scale;
@@ -558,28 +545,32 @@ inline double grad_sq_block_as(const G* FASTADAM_RESTRICT g, std::int64_t n, flo
     std::int64_t i = 0;
 #if defined(FASTADAM_HAVE_F32X16)
     if constexpr (!std::is_same<G, F16>::value) {
-        // acc[4k..4k+3] in quarter k: four 4-double sums (256-bit conversions to double
-        // are single operations where 512-bit ones are not, on Zen 4 and 5).
+        // Accumulators 4k..4k+3 in q[k], four doubles each: 256-bit conversions to double
+        // are single operations where 512-bit ones are not (Zen 4 and 5), and the
+        // kNormLanes / 4 independent sums keep the adder busy.
         using L = Lane<F32x16>;
-        __m256d q[4];
-        for (int k = 0; k < 4; ++k) q[k] = _mm256_loadu_pd(acc + 4 * k);
+        constexpr int quads = lanes / 4;
+        __m256d q[quads];
+        for (int k = 0; k < quads; ++k) q[k] = _mm256_loadu_pd(acc + 4 * k);
         const __m512 r = _mm512_set1_ps(reciprocal), sc = _mm512_set1_ps(scale);
-        for (; i + 16 <= n; i += 16) {
-            __m512 u = L::load(g + i).r;
-            if (UNSCALE == Unscale::divide) u = _mm512_div_ps(u, sc);
-            if (UNSCALE == Unscale::multiply) u = _mm512_mul_ps(u, r);
-            const __m256 lo = _mm512_castps512_ps256(u), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1));
-            const __m256d d[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)),
-                                  _mm256_cvtps_pd(_mm256_castps256_ps128(hi)), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1))};
-            for (int k = 0; k < 4; ++k) q[k] = _mm256_add_pd(q[k], _mm256_mul_pd(d[k], d[k]));
+        for (; i + lanes <= n; i += lanes) {
+            for (int h = 0; h < lanes / 16; ++h) {
+                __m512 u = L::load(g + i + 16 * h).r;
+                if (UNSCALE == Unscale::divide) u = _mm512_div_ps(u, sc);
+                if (UNSCALE == Unscale::multiply) u = _mm512_mul_ps(u, r);
+                const __m256 lo = _mm512_castps512_ps256(u), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1));
+                const __m256d d[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)),
+                                      _mm256_cvtps_pd(_mm256_castps256_ps128(hi)), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1))};
+                for (int k = 0; k < 4; ++k) q[4 * h + k] = _mm256_add_pd(q[4 * h + k], _mm256_mul_pd(d[k], d[k]));
+            }
         }
-        for (int k = 0; k < 4; ++k) _mm256_storeu_pd(acc + 4 * k, q[k]);
+        for (int k = 0; k < quads; ++k) _mm256_storeu_pd(acc + 4 * k, q[k]);
     }
 #endif
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; ++j) acc[j] += term(i + j);
+    for (; i + lanes <= n; i += lanes)
+        for (int j = 0; j < lanes; ++j) acc[j] += term(i + j);
     for (int j = 0; i + j < n; ++j) acc[j] += term(i + j);
-    for (int width = 8; width >= 1; width /= 2)
+    for (int width = lanes / 2; width >= 1; width /= 2)
         for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
     return acc[0];
 }

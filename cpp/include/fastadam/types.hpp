@@ -125,6 +125,8 @@ struct GradView {
 // The norm pass sums squares in blocks of this many elements of one tensor, in a fixed
 // order (fastadam.reference.grad_sq_sum): the same bits for every thread count and path.
 constexpr std::int64_t kNormBlock = 4096;
+// Accumulators per block (fastadam.reference.NORM_LANES); 32 and 64 measured no faster.
+constexpr std::int64_t kNormLanes = 16;
 
 // SGD with momentum, torch.optim.SGD semantics.
 struct SgdHyperparams {
