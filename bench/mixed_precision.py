@@ -15,6 +15,8 @@ Cases (2 threads each side, interleaved rounds, medians; docs/performance.md, "M
   against torch's fused AdamW on fp32 (torch has no bf16 states for fp32 params).
 * ``all-bf16``: one tensor, bf16 params, grads and states, against torch's fused AdamW on
   bf16 params (its states are bf16 too).
+* ``norm``: the global-norm pass alone (an inf gradient makes the step skip after it),
+  fp32 and bf16 gradients, against the offload step's Adam pass on the same size.
 
     python bench/mixed_precision.py                     # every case (offload holds ~5 GB)
     python bench/mixed_precision.py --cases all-bf16 --sizes 1e6,5e7 --rounds 21
@@ -45,7 +47,7 @@ from cases import gpt2_small_shapes  # noqa: E402
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LR, WEIGHT_DECAY, GRAD_SCALE, MAX_GRAD_NORM = 1e-4, 0.01, 1024.0, 1.0
 # Bytes each pass moves per element (reads + writes, no write-allocate), fastadam's modes.
-BYTES = {"offload": 2 + 28, "bf16-states": 20, "all-bf16": 14}
+BYTES = {"offload": 2 + 28, "bf16-states": 20, "all-bf16": 14, "norm": 2}
 
 Step = Callable[[], object]
 
@@ -128,6 +130,20 @@ def single_contenders(case: str, n: int) -> dict[str, Step]:
     return {"fastadam": fastadam_step, peer: opt.step}
 
 
+def norm_contenders(n: int) -> dict[str, Step]:
+    """fastadam's norm pass alone on fp32 and on bf16 gradients, and the Adam pass of the
+    offload layout (fp32 masters and states, bf16 grads and model) for scale."""
+    out: dict[str, Step] = {}
+    master, exp_avg, exp_avg_sq = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for name, dtype in (("fastadam", BF16), ("norm pass, fp32 grads", np.dtype(np.float32))):
+        grad = np.full(n, 1e-2, dtype)
+        grad[-1] = np.inf  # the step is skipped after the norm pass
+        out[name] = lambda g=grad: fastadam.adam_step(master, g, exp_avg, exp_avg_sq, step=1, grad_scale=GRAD_SCALE)
+    grad, model = np.full(n, 1e-2, BF16), np.zeros(n, BF16)
+    out["Adam pass, offload layout"] = lambda: fastadam.adam_step(master, grad, exp_avg, exp_avg_sq, step=1, param_out=model)
+    return out
+
+
 def measure(contenders: dict[str, Step], rounds: int) -> dict[str, float]:
     """Median seconds per step, contenders interleaved in every round after two warm-up steps each."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -145,7 +161,7 @@ def measure(contenders: dict[str, Step], rounds: int) -> dict[str, float]:
 def report(title: str, elements: int, medians: dict[str, float], bytes_per_element: int) -> None:
     fast = medians["fastadam"]
     print(f"\n{title}: {elements:,} elements, medians")
-    print(f"| contender | ms | fastadam's speed-up |")
+    print("| contender | ms | fastadam's speed-up |")
     print("|---|---|---|")
     for name, t in medians.items():
         print(f"| {name} | {t * 1e3:.2f} | {t / fast:.2f}x |")
@@ -154,7 +170,7 @@ def report(title: str, elements: int, medians: dict[str, float], bytes_per_eleme
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="offload,bf16-states,all-bf16")
+    ap.add_argument("--cases", default="offload,bf16-states,all-bf16", help="also: norm")
     ap.add_argument("--sizes", default="1e6,5e7", help="single-tensor sizes (default 1e6,5e7)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
@@ -177,7 +193,9 @@ def main() -> int:
         for size in args.sizes.split(","):
             n = int(float(size))
             rounds = max(args.rounds, int(args.rounds * 1e7 / n))  # small steps: more rounds, about the same time
-            report(f"{case}, one tensor", n, measure(single_contenders(case, n), rounds), BYTES[case])
+            contenders = norm_contenders(n) if case == "norm" else single_contenders(case, n)
+            title = "norm pass alone (fastadam: bf16 gradients)" if case == "norm" else f"{case}, one tensor"
+            report(title, n, measure(contenders, rounds), BYTES[case])
     return 0
 
 

@@ -217,3 +217,17 @@ def test_interleaved_stream_bound(bench, tmp_path):
     assert "bound" not in results[1]  # below stream_min_elements
     table = bench.format_table(results)
     assert "bound GB/s" in table and "50.0" in table
+
+
+def test_mixed_precision_bench_runs():
+    """bench/mixed_precision.py's single-tensor and norm cases on a tiny size (the offload case holds ~5 GB)."""
+    torch_or_skip()
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "mixed_precision.py"), "--cases", "bf16-states,all-bf16,norm", "--sizes", "1e6", "--rounds", "1"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    for row in ("| torch fused fp32 |", "| torch fused bf16 |", "| norm pass, fp32 grads |", "| Adam pass, offload layout |"):
+        assert row in out, out
+    assert out.count("| fastadam | ") == 3 and out.count("bytes/element") == 3, out
