@@ -115,8 +115,7 @@ struct Descriptors {
         if (dtype == DType::f32) set_in(f32[slot], grad, step);
         else set_in(f64[slot], grad, step);
     }
-    void run_listed() {
-        GilRelease release;
+    void run_listed() {  // with the GIL released by the caller
         if (!f32.empty()) A::kernel(f32.data(), f32.size());
         if (!f64.empty()) A::kernel(f64.data(), f64.size());
     }

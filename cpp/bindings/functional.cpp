@@ -110,7 +110,7 @@ std::int64_t check_step(py::handle h, const ArgName& arg) {
     return static_cast<std::int64_t>(v);
 }
 
-// A positive finite real (grad_scale, max_grad_norm), or nullopt for None / absent.
+// A positive finite real (grad_scale, max_grad_norm); TypeError/ValueError otherwise.
 double check_positive(py::handle h, const char* fn, const char* name, const char* what) {
     PyObject* o = h.ptr();
     const double v = PyBool_Check(o) ? -1.0 : PyFloat_AsDouble(o);
@@ -246,8 +246,7 @@ struct Batch {
             transform.clip = coef < 1.0;
             transform.clip_coef = static_cast<float>(coef);
         }
-        if (!tensors.f32.empty()) A::kernel(tensors.f32.data(), tensors.f32.size());
-        if (!tensors.f64.empty()) A::kernel(tensors.f64.data(), tensors.f64.size());
+        tensors.run_listed();
         if (!mixed.empty()) fastadam::adam_step(mixed.data(), mixed.size());
         return norm;
     }
