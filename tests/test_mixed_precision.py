@@ -224,6 +224,7 @@ BAD_CALLS = {
     "grad_scale zero": (lambda s: {"grad_scale": 0.0}, ValueError, r"grad_scale must be a finite number > 0"),
     "grad_scale nan": (lambda s: {"grad_scale": float("nan")}, ValueError, r"grad_scale must be a finite number > 0"),
     "grad_scale str": (lambda s: {"grad_scale": "2"}, TypeError, r"grad_scale must be a real number"),
+    "grad_scale past float32": (lambda s: {"grad_scale": 1e300}, ValueError, r"grad_scale must be a positive finite float32 number"),
     "bf16 states for f16 grads": (lambda s: {"grad": s["grad"].astype(f16), "exp_avg": s["exp_avg"].astype(f16),
                                              "exp_avg_sq": s["exp_avg_sq"].astype(f16)}, TypeError, r"state"),  # fmt: skip
     "f32 grad of bf16 param": (lambda s: {"param": s["param"].astype(bf16), "param_out": None}, TypeError, r"a gradient has its param's dtype"),
@@ -264,3 +265,29 @@ def test_bad_multi_arguments():
     with pytest.raises(TypeError, match=r"float64; grad_scale and max_grad_norm work on float32"):
         fastadam.adam_step_multi([np.zeros(8)], [np.zeros(8)], [np.zeros(8)], [np.zeros(8)], steps=1, max_grad_norm=1.0)
     del p64
+
+
+@pytest.mark.parametrize("mode", ["scale-clip", "clip"])
+def test_empty_tensors_and_bf16_offsets_in_the_norm_and_step(mode):
+    # Zero-size tensors among others (the norm pass's blocks skip them), bf16 arrays
+    # starting at every 2-byte offset within a 32-byte half line (the peel's range).
+    combo = COMBOS["master-bf16"]
+    sizes = [0, 5000, 0, 4096, 1, 0, 300]
+    rng = np.random.default_rng(6)
+    for offset in (0, 3, 9, 15):
+        tensors = [make_case(rng, n, combo, offset, MODES[mode].get("grad_scale", 1.0), steps=1) for n in sizes]
+        runs = []
+        for step_multi in (reference.adam_step_multi, fastadam.adam_step_multi):
+            for isa in fastadam.available_isas() if step_multi is fastadam.adam_step_multi else ["reference"]:
+                if isa != "reference":
+                    fastadam.set_isa(isa)
+                state = [{k: v.copy() for k, v in s.items()} for s, _ in tensors]
+                norm = step_multi([s["param"] for s in state], [g[0] for _, g in tensors], [s["exp_avg"] for s in state],
+                                  [s["exp_avg_sq"] for s in state], steps=1, lr=0.01, params_out=[s["param_out"] for s in state],
+                                  **MODES[mode])  # fmt: skip
+                runs.append((isa, norm, state))
+        _, want_norm, want = runs[0]
+        for isa, norm, state in runs[1:]:
+            assert norm == want_norm, (isa, offset)
+            for k, (got_tensor, want_tensor) in enumerate(zip(state, want)):
+                assert_same_state(got_tensor, want_tensor, {"isa": isa, "offset": offset, "tensor": k})

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -255,9 +256,11 @@ struct Batch {
     void set_grad_checks(py::handle grad_scale, py::handle max_norm) {
         if (grad_scale && !grad_scale.is_none()) {
             transform.unscale = true;
-            transform.grad_scale = static_cast<float>(check_positive(grad_scale, fn, "grad_scale", "gradients are divided by it"));
-            if (!(transform.grad_scale > 0.0f) || !std::isfinite(transform.grad_scale))
-                throw_value(std::string(fn) + ": grad_scale must be a positive finite float32 number");
+            const double scale = check_positive(grad_scale, fn, "grad_scale", "gradients are divided by it");
+            // (checked before the cast: a double past float's range does not convert)
+            if (!(scale <= static_cast<double>(std::numeric_limits<float>::max())) || !(static_cast<float>(scale) > 0.0f))
+                throw_value(std::string(fn) + ": grad_scale must be a positive finite float32 number, got " + py::repr(grad_scale).cast<std::string>());
+            transform.grad_scale = static_cast<float>(scale);
             checks_grads = true;
         }
         if (max_norm && !max_norm.is_none()) {

@@ -197,6 +197,9 @@ def adam_step_multi(
 ) -> float | None:
     """Adam on many tensors: the reference for ``fastadam.adam_step_multi``.
 
+    It assumes input the kernel accepts (dtype pairings, shapes, no overlaps): it
+    specifies the arithmetic, not the validation.
+
     Returns the global L2 norm of the (unscaled) gradients when ``grad_scale`` or
     ``max_grad_norm`` is given, else None. A non-finite norm means a gradient held inf
     or NaN: nothing was written.
