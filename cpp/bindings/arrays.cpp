@@ -185,7 +185,7 @@ bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* w
     return needed;
 }
 
-void check_params(py::handle params, const std::string& fn_name) {
+void check_params(py::handle params, const std::string& fn_name, bool narrow_ok) {
     const char* fn = fn_name.c_str();
     const std::size_t n = check_list(params, fn, "params", 0, false);
     Footprint footprint(fn, true, n);
@@ -193,7 +193,7 @@ void check_params(py::handle params, const std::string& fn_name) {
         const Slot slots[1] = {kParam};
         const py::handle handles[1] = {item(params, i)};
         Buffer b;
-        validate_tensor(fn, i, true, handles, slots, 1, footprint, &b);
+        validate_tensor(fn, i, true, handles, slots, 1, footprint, &b, narrow_ok);
     }
     footprint.check();
 }

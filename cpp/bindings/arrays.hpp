@@ -129,6 +129,6 @@ void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle
 bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* when);
 
 // Optimizer construction: every param is a writeable float array and no two share memory.
-void check_params(py::handle params, const std::string& fn);
+void check_params(py::handle params, const std::string& fn, bool narrow_ok = false);
 
 }  // namespace fastadam::bindings

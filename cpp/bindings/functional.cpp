@@ -332,6 +332,62 @@ PyObject* adam_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs, Py
     });
 }
 
+// _adam_step_groups(fn, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, params_out, counts,
+// indices, group_index, groups, grad_scale, max_grad_norm, rounding_seeds): the NumPy and
+// torch optimizers' mixed-precision step (optim.py), adam_step_multi with each tensor's
+// hyper-parameters read from its param group, its step count counts[indices[i]] + 1
+// (counted here when the step happens, so that no Python code runs between the writes
+// and the count) and an optional stochastic-rounding seed. Lists hold one entry per
+// tensor (None where absent). Returns as adam_step_multi.
+PyObject* adam_step_groups(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    return guarded([&] {
+        if (nargs != 14 || kwnames || !PyUnicode_Check(args[0])) throw_type("_adam_step_groups() takes 14 positional arguments, the first a str");
+        const std::string fn_name = py::cast<std::string>(args[0]);  // the optimizer's step, in errors
+        const char* fn = fn_name.c_str();
+        ++args;
+        const std::size_t n = check_list(args[0], fn, "params", 0, false);
+        const char* names[] = {"grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "params_out"};
+        for (int k = 1; k <= 5; ++k) check_list(args[k], fn, names[k - 1], n, true);
+        check_list(args[7], fn, "indices", n, true);
+        check_list(args[8], fn, "group_index", n, true);
+        if (!py::isinstance<py::array>(args[6])) throw_type(std::string(fn) + ": counts must be an int64 array");
+        auto counts_array = py::reinterpret_borrow<py::array>(args[6]);
+        if (counts_array.dtype().num() != py::dtype::of<std::int64_t>().num() || !(counts_array.flags() & py::array::c_style) ||
+            !counts_array.writeable())
+            throw_value(std::string(fn) + ": counts must be a writeable C-contiguous int64 array");
+        auto* counts = static_cast<std::int64_t*>(counts_array.mutable_data());
+        const auto n_counts = static_cast<std::size_t>(counts_array.size());
+        const std::size_t n_groups = check_list(args[9], fn, "groups", 0, false);
+        const py::handle seeds = args[12];
+        if (!seeds.is_none()) check_list(seeds, fn, "rounding_seeds", n, true);
+        std::vector<AdamHyperparams> hypers(n_groups);
+        for (std::size_t g = 0; g < n_groups; ++g) hyper_from_group(hypers[g], item(args[9], g).ptr(), Where{fn, static_cast<std::ptrdiff_t>(g)});
+        std::vector<std::size_t> index(n);
+        Batch<Adam> batch(fn, true, n);
+        batch.set_grad_checks(args[10], args[11]);
+        for (std::size_t i = 0; i < n; ++i) {
+            const py::handle arrays[6] = {item(args[0], i), item(args[1], i), item(args[2], i),
+                                          item(args[3], i), item(args[4], i), item(args[5], i)};
+            index[i] = py::cast<std::size_t>(item(args[7], i));
+            const auto g = py::cast<std::size_t>(item(args[8], i));
+            if (index[i] >= n_counts || g >= n_groups) throw_value(std::string(fn) + ": internal error: an index out of range");
+            const std::size_t mixed_before = batch.mixed.size();
+            batch.add(i, arrays, counts[index[i]] + 1, &hypers[g]);
+            const py::handle seed = seeds.is_none() ? seeds : item(seeds, i);
+            if (!seed.is_none()) {
+                if (batch.mixed.size() == mixed_before || batch.mixed.back().param_dtype != Storage::bfloat16)
+                    throw_value(ArgName{fn, kParam, i, true}.str() + ": stochastic rounding is for bfloat16 params only");
+                batch.mixed.back().stochastic_rounding = true;
+                batch.mixed.back().rounding_seed = py::cast<std::uint64_t>(seed);
+            }
+        }
+        const double norm = batch.run();
+        if (!batch.checks_grads || std::isfinite(norm))
+            for (std::size_t i = 0; i < n; ++i) ++counts[index[i]];
+        return norm_result(batch.checks_grads, norm);
+    });
+}
+
 // sgd_step(param, grad, momentum_buffer=None, *, step, <table>)
 PyObject* sgd_step(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
     return guarded([&] {
@@ -422,6 +478,7 @@ PyMethodDef kMethods[] = {
     {"adam_step", fastcall(&adam_step), METH_FASTCALL | METH_KEYWORDS, kAdamStepDoc},
     {"adam_step_multi", fastcall(&adam_step_multi), METH_FASTCALL | METH_KEYWORDS, kAdamStepMultiDoc},
     {"sgd_step", fastcall(&sgd_step), METH_FASTCALL | METH_KEYWORDS, kSgdStepDoc},
+    {"_adam_step_groups", fastcall(&adam_step_groups), METH_FASTCALL | METH_KEYWORDS, "The optimizers' mixed-precision step (functional.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -54,7 +54,7 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
         .def(py::init<std::string>(), py::arg("name"))
         .def("__enter__", &fb::StepGuard::enter)
         .def("__exit__", &fb::StepGuard::exit);
-    m.def("_check_params", &fb::check_params, py::arg("params"), py::arg("fn"));
+    m.def("_check_params", &fb::check_params, py::arg("params"), py::arg("fn"), py::arg("narrow_ok") = false);
     m.def("_check_group", &fb::check_group, py::arg("kind"), py::arg("group"), py::arg("where"));
     m.def("_hyper_names", &fb::hyper_names, py::arg("kind"));
     m.def("_lane_sqrt", &fb::lane_sqrt, py::arg("x"), py::arg("out"), py::arg("estimate") = py::none());

@@ -153,7 +153,7 @@ def check_loaded_entry(algorithm: Algorithm, entry: Mapping[str, Any], group: Ma
     for key in buffers:
         value = entry[key]
         dtype = getattr(value, "dtype", None)
-        kind = np.dtype(dtype).kind if isinstance(dtype, np.dtype) else None
+        kind = ("f" if dtype.name == "bfloat16" else dtype.kind) if isinstance(dtype, np.dtype) else None  # ml_dtypes: kind "V"
         if kind is None and hasattr(value, "is_floating_point"):  # a torch tensor
             kind = "f" if value.is_floating_point() else ("c" if value.is_complex() else "i")
         if kind != "f":

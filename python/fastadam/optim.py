@@ -8,6 +8,7 @@ releases the GIL once and updates all tensors in one parallel region.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -30,6 +31,19 @@ __all__ = ["Optimizer", "Adam", "AdamW", "SGD"]
 
 Params = Sequence[np.ndarray] | Mapping[str, np.ndarray] | Sequence[Mapping[str, Any]]
 Grads = Sequence[np.ndarray | None] | Sequence[Sequence[np.ndarray | None]] | Mapping[str, np.ndarray | None]
+
+
+_NARROW_KINDS = ("bfloat16", "float16")
+
+
+def _to_numpy(value: Any) -> Any:
+    """A torch tensor's values as a NumPy array (bfloat16 through float32: exact); else as is."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return value
 
 
 class Optimizer:
@@ -55,6 +69,10 @@ class Optimizer:
         self._complete_for: list[tuple[str, ...]] | None = None
         self._plan: Any = None
         self._guard = StepGuard(self._step_name)
+        self._masters: list[np.ndarray | None] = []  # Adam(master_weights=True): fp32 copies
+        self.max_grad_norm: float | None = None
+        self.last_step_skipped = False  # the last step met an inf/NaN gradient and wrote nothing
+        self._narrow_grads = False  # bf16/fp16 gradients seen: steps take the mixed path
 
         if isinstance(params, np.ndarray):
             raise TypeError(
@@ -75,6 +93,17 @@ class Optimizer:
     @property
     def _state_keys(self) -> tuple[str, ...]:
         return self._algorithm.state_keys
+
+    _takes_narrow: ClassVar[bool] = False  # bfloat16/float16 params (Adam's mixed precision)
+
+    def _check_precision(self, group: Mapping[str, Any], arrays: Sequence[np.ndarray], where: str) -> None:
+        """Adam checks its mixed-precision keys against the group's params; SGD has none."""
+
+    def _mixed(self, group: Mapping[str, Any]) -> bool:
+        return False
+
+    def _state_dtype(self, group: Mapping[str, Any], param: np.ndarray) -> np.dtype[Any]:
+        return param.dtype
 
     # ----- groups ------------------------------------------------------------------
 
@@ -99,8 +128,10 @@ class Optimizer:
             group.setdefault(key, value)
         group["params"] = arrays
         name = f"{type(self).__name__}()"
-        _core._check_params(self._params + arrays, name)  # dtypes, layout, and no array given twice
-        check_group(self._algorithm, group, f"{name}: param_groups[{len(self.param_groups)}]")
+        _core._check_params(self._params + arrays, name, self._takes_narrow)  # dtypes, layout, and no array given twice
+        where = f"{name}: param_groups[{len(self.param_groups)}]"
+        check_group(self._algorithm, group, where)
+        self._check_precision(group, arrays, where)
         named = [n for n in names if n is not None]
         if len(set(named)) != len(named) or set(named) & set(self._names):
             raise ValueError(f"{name}: parameter names must be unique")
@@ -110,6 +141,7 @@ class Optimizer:
         self._names.extend(names)
         for key in self._state_keys:
             self._buffers[key].extend([None] * len(arrays))
+        self._masters.extend([None] * len(arrays))
         self._steps = np.concatenate([self._steps, np.zeros(len(arrays), dtype=np.int64)])
         self._group_sizes.append(len(arrays))
         self._complete_for = None
@@ -117,7 +149,7 @@ class Optimizer:
 
     # ----- the step ----------------------------------------------------------------
 
-    def _grad_list(self, grads: Grads) -> Sequence[np.ndarray | None]:
+    def _grad_list(self, grads: Grads, what: str = "grads") -> Sequence[np.ndarray | None]:
         n = len(self._params)
         # The common call first (a list of arrays): the ABC checks below cost about 0.5 us.
         if type(grads) is list and len(grads) == n and n and type(grads[0]) is np.ndarray:
@@ -125,15 +157,15 @@ class Optimizer:
         if isinstance(grads, Mapping):
             if None in self._names:
                 raise TypeError(
-                    f"{type(self).__name__}.step(): grads by name need params given by name (a dict name -> array)"
+                    f"{type(self).__name__}.step(): {what} by name need params given by name (a dict name -> array)"
                 )
             unknown = grads.keys() - set(self._names)
             if unknown:
-                raise ValueError(f"{type(self).__name__}.step(): grads has unknown parameter names {sorted(unknown)}")
+                raise ValueError(f"{type(self).__name__}.step(): {what} has unknown parameter names {sorted(unknown)}")
             return [grads.get(name) for name in self._names]  # type: ignore[arg-type]
         if isinstance(grads, np.ndarray) or not isinstance(grads, Sequence):
             raise TypeError(
-                f"{type(self).__name__}.step(): grads must be a list aligned with the params (or a dict by name), "
+                f"{type(self).__name__}.step(): {what} must be a list aligned with the params (or a dict by name), "
                 f"got {type(grads).__name__}"
             )
         # One list per group ([[gw], [gb]]): arrays are never lists, so lists mean groups.
@@ -141,48 +173,154 @@ class Optimizer:
             sizes = [len(g) for g in grads]  # type: ignore[arg-type]
             if sizes != self._group_sizes:
                 raise ValueError(
-                    f"{type(self).__name__}.step(): got gradient lists of sizes {sizes} for param groups of sizes "
+                    f"{type(self).__name__}.step(): got {'gradient' if what == 'grads' else what} lists of sizes {sizes} for param groups of sizes "
                     f"{self._group_sizes}"
                 )
             return [g for group in grads for g in group]  # type: ignore[union-attr]
         if len(grads) != n:
-            raise ValueError(f"{type(self).__name__}.step(): got {len(grads)} gradients for {n} parameters")
+            raise ValueError(f"{type(self).__name__}.step(): got {len(grads)} entries in {what} for {n} parameters")
         return grads  # type: ignore[return-value]
 
-    def step(self, grads: Grads) -> None:
+    def step(
+        self, grads: Grads, *, grad_scale: float | None = None, params_out: Grads | None = None
+    ) -> float | None:
         """Update every parameter in place from ``grads`` (aligned with the params, one list
         per group, or by name).
 
         A ``None`` gradient skips its parameter, as torch skips params whose ``.grad``
         is None. All gradients are validated before any array is written. A step called
         while another thread is inside a step of the same optimizer raises RuntimeError.
+
+        Adam only (mixed precision, docs/design.md): ``grad_scale`` divides the gradients
+        (loss scaling); ``params_out``, in the params' structure (None entries allowed),
+        receives bfloat16/float16 copies of updated float32 params. Returns the global L2
+        norm of the gradients (after unscaling) when ``grad_scale`` or ``max_grad_norm`` is
+        set, else None. A gradient holding inf/NaN then skips the whole step: nothing is
+        written, step counts stay, ``last_step_skipped`` is True and the norm is not finite.
         """
         with self._guard:
             grad_list = self._grad_list(grads)
-            created = Rollback()
-            needs = [self._algorithm.needed_keys(group) for group in self.param_groups]
-            try:
-                for attempt in range(2):
-                    if needs != self._complete_for:
-                        self._create_state(grad_list, needs, created)
-                    if self._plan is None:
-                        states = [list(self._buffers[k]) for k in self._state_keys]
-                        self._plan = _core._StepPlan(
-                            self._algorithm.kind, self._step_name, list(self._params), states, list(self._group_sizes)
-                        )
-                    if self._plan.step(grad_list, self._steps, self.param_groups):
-                        break
-                    if attempt:
-                        raise RuntimeError(f"{self._step_name}: internal error: a plan built for this step found it stale")
-                    self._adopt_param_groups()  # nothing was written: the groups hold other arrays
-            except BaseException:
-                # A rejected step leaves no trace, not even fresh state; a step that happened
-                # (then interrupted, as by Ctrl-C, on its way out) keeps the state it created.
-                if created and (self._plan is None or self._plan.completed == 0):
-                    created.run()
-                    self._plan = None
-                self._complete_for = None
-                raise
+            if (
+                grad_scale is None
+                and params_out is None
+                and self.max_grad_norm is None
+                and not self._narrow_grads
+                and not any(map(self._mixed, self.param_groups))
+            ):
+                self.last_step_skipped = False
+                try:
+                    self._plan_step(grad_list)
+                    return None
+                except TypeError:
+                    # The plan takes gradients of the param's dtype; bf16/fp16 gradients of
+                    # fp32 params (nothing was written) take the mixed path from now on.
+                    if not self._takes_narrow or not any(isinstance(g, np.ndarray) and g.dtype.name in _NARROW_KINDS for g in grad_list):
+                        raise
+                    self._narrow_grads = True
+            return self._mixed_step(grad_list, grad_scale, params_out)
+
+    def _plan_step(self, grad_list: Sequence[np.ndarray | None]) -> None:
+        created = Rollback()
+        needs = [self._algorithm.needed_keys(group) for group in self.param_groups]
+        try:
+            for attempt in range(2):
+                if needs != self._complete_for:
+                    self._create_state(grad_list, needs, created)
+                if self._plan is None:
+                    states = [list(self._buffers[k]) for k in self._state_keys]
+                    self._plan = _core._StepPlan(
+                        self._algorithm.kind, self._step_name, list(self._params), states, list(self._group_sizes)
+                    )
+                if self._plan.step(grad_list, self._steps, self.param_groups):
+                    break
+                if attempt:
+                    raise RuntimeError(f"{self._step_name}: internal error: a plan built for this step found it stale")
+                self._adopt_param_groups()  # nothing was written: the groups hold other arrays
+        except BaseException:
+            # A rejected step leaves no trace, not even fresh state; a step that happened
+            # (then interrupted, as by Ctrl-C, on its way out) keeps the state it created.
+            if created and (self._plan is None or self._plan.completed == 0):
+                created.run()
+                self._plan = None
+            self._complete_for = None
+            raise
+
+    def _mixed_step(
+        self, grad_list: Sequence[np.ndarray | None], grad_scale: float | None, params_out: Grads | None
+    ) -> float | None:
+        """Adam's mixed-precision step: one native call (``_core._adam_step_groups``) over the
+        params with a gradient; fp32 master weights and their low-precision copy, bf16 states,
+        loss scaling, global-norm clipping, stochastic rounding. docs/design.md, "Mixed precision"."""
+        name = self._step_name
+        if self._algorithm.kind != "adam":
+            raise TypeError(f"{name}: grad_scale and params_out are Adam's (mixed precision); SGD takes neither")
+        self._adopt_if_changed()
+        outs = self._grad_list(params_out, "params_out") if params_out is not None else None
+        start = 0
+        group_of: list[int] = []
+        for g, (group, size) in enumerate(zip(self.param_groups, self._group_sizes)):
+            where = f"{name}: param_groups[{g}]"
+            check_group(self._algorithm, group, where)
+            self._check_precision(group, self._params[start : start + size], where)
+            group_of.extend([g] * size)
+            start += size
+        idx = [i for i, g in enumerate(grad_list) if g is not None]
+        for i in idx:
+            if outs is not None and outs[i] is not None and self.param_groups[group_of[i]].get("master_weights"):
+                raise ValueError(
+                    f"{name}: params_out[{i}] is given for a param with master_weights=True, whose own array already "
+                    "receives the rounded fp32 master; pass None there"
+                )
+        created = Rollback()
+        needs = [self._algorithm.needed_keys(group) for group in self.param_groups]
+        marker = int(self._steps[idx[0]]) if idx else 0
+        try:
+            self._create_state(grad_list, needs, created)
+            for i in idx:
+                if self.param_groups[group_of[i]].get("master_weights") and self._masters[i] is None:
+                    created.add(functools.partial(self._masters.__setitem__, i, None))
+                    self._masters[i] = self._params[i].astype(np.float32)  # exact widening
+            max_sqs = self._buffers["max_exp_avg_sq"]
+            params, out_arrays, seeds = [], [], []
+            for i in idx:
+                group = self.param_groups[group_of[i]]
+                master = self._masters[i] if group.get("master_weights") else None
+                params.append(self._params[i] if master is None else master)
+                out_arrays.append(self._params[i] if master is not None else (outs[i] if outs is not None else None))
+                seeds.append(i if group.get("stochastic_rounding") else None)
+            norm = _core._adam_step_groups(
+                name,
+                params,
+                [grad_list[i] for i in idx],  # type: ignore[misc]  # None filtered out by idx
+                [self._buffers["exp_avg"][i] for i in idx],
+                [self._buffers["exp_avg_sq"][i] for i in idx],
+                [max_sqs[i] if self.param_groups[group_of[i]].get("amsgrad") else None for i in idx],
+                out_arrays,
+                self._steps,
+                idx,
+                [group_of[i] for i in idx],
+                self.param_groups,
+                grad_scale,
+                self.max_grad_norm,
+                seeds if any(x is not None for x in seeds) else None,
+            )
+        except BaseException:
+            if created and (not idx or int(self._steps[idx[0]]) == marker):  # the step did not happen
+                created.run()
+            self._complete_for = None
+            raise
+        self._complete_for = None
+        skipped = norm is not None and not math.isfinite(norm)
+        if skipped and created:
+            created.run()  # a skipped step leaves no trace, as torch's GradScaler skipping step()
+        self.last_step_skipped = skipped
+        return norm
+
+    def _adopt_if_changed(self) -> None:
+        """As the plan's check: arrays replaced in ``param_groups`` start with fresh state."""
+        flat = [p for group in self.param_groups for p in group.get("params", ())]
+        if len(flat) != len(self._params) or any(a is not b for a, b in zip(flat, self._params)):
+            self._adopt_param_groups()
 
     def _adopt_param_groups(self) -> None:
         """Takes the arrays the param groups hold now: one replaced in ``param_groups[g]["params"]``
@@ -202,11 +340,12 @@ class Optimizer:
                     "add_param_group(), or build a new optimizer"
                 )
             arrays.extend(params)
-        _core._check_params(arrays, name)  # dtypes, layout, and no array given twice
+        _core._check_params(arrays, name, self._takes_narrow)  # dtypes, layout, and no array given twice
         for i, (new, old) in enumerate(zip(arrays, self._params)):
             if new is not old:
                 for key in self._state_keys:
                     self._buffers[key][i] = None
+                self._masters[i] = None
                 self._steps[i] = 0
         self._params = arrays
         self._plan = None
@@ -239,7 +378,7 @@ class Optimizer:
         if any(missing.values()):
             self._plan = None  # before any change: the plan that steps with new state is a new one
         for kind, (key, indices) in enumerate(missing.items()):
-            for i, array in zip(indices, self._zeros_state(kind, indices)):
+            for i, array in zip(indices, self._zeros_state(kind, indices, self.param_groups)):
                 # C-level undos (Rollback), each registered before its change
                 created.add(functools.partial(self._buffers[key].__setitem__, i, None))
                 self._buffers[key][i] = array
@@ -249,9 +388,11 @@ class Optimizer:
                     self._steps[i] = 0
         self._complete_for = needs if complete else None
 
-    def _zeros_state(self, kind: int, indices: list[int]) -> list[np.ndarray]:
-        """New zeroed buffers of state kind number ``kind`` for the params at ``indices``."""
-        likes = [(self._params[i].shape, self._params[i].dtype) for i in indices]
+    def _zeros_state(self, kind: int, indices: list[int], groups: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+        """New zeroed buffers of state kind number ``kind`` for the params at ``indices``,
+        of the state dtype their group in ``groups`` asks for."""
+        group_of = [g for g, size in enumerate(self._group_sizes) for _ in range(size)]
+        likes = [(self._params[i].shape, self._state_dtype(groups[group_of[i]], self._params[i])) for i in indices]
         return zeros_packed(likes, stagger=state_stagger(kind))
 
     # ----- state -------------------------------------------------------------------
@@ -262,6 +403,8 @@ class Optimizer:
         out: dict[int, dict[str, Any]] = {}
         for i in range(len(self._params)):
             entry: dict[str, Any] = {k: self._buffers[k][i] for k in self._state_keys if self._buffers[k][i] is not None}
+            if self._masters[i] is not None:
+                entry["master_param"] = self._masters[i]
             if self._algorithm.counts_steps and (entry or self._steps[i]):
                 out[i] = {"step": float(self._steps[i]), **entry}
             elif entry:
@@ -309,6 +452,11 @@ class Optimizer:
             check_group(self._algorithm, updated, name)
             new_groups.append(updated)
         group_of = [g for g, size in enumerate(self._group_sizes) for _ in range(size)]
+        start = 0
+        for group, size in zip(new_groups, self._group_sizes):
+            self._check_precision(group, self._params[start : start + size], name)
+            start += size
+        new_masters: list[np.ndarray | None] = [None] * len(self._params)
         new_buffers: dict[str, list[np.ndarray | None]] = {k: [None] * len(self._params) for k in self._state_keys}
         new_steps = np.zeros(len(self._params), dtype=np.int64)
         for saved_index, entry in state_dict["state"].items():
@@ -323,12 +471,15 @@ class Optimizer:
                     if step < 0 or step != int(step):
                         raise ValueError(f"{name}: step of parameter {saved_index} must be a whole number >= 0, got {step}")
                     new_steps[i] = int(step)
+                elif key == "master_param" and new_groups[group_of[i]].get("master_weights"):
+                    master = np.array(_to_numpy(value), dtype=np.float32)  # a copy: the optimizer's own
+                    if master.shape != param.shape:
+                        raise ValueError(f"{name}: master_param of parameter {saved_index} has shape {master.shape}, the parameter {param.shape}")
+                    new_masters[i] = master
                 elif key in self._state_keys:
                     if value is None:  # torch's SGD saves momentum_buffer None without momentum
                         continue
-                    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-                        value = value.detach().cpu().numpy()
-                    loaded = np.asarray(value, dtype=param.dtype)
+                    loaded = np.asarray(_to_numpy(value), dtype=self._state_dtype(new_groups[group_of[i]], param))
                     if loaded.shape != param.shape:
                         raise ValueError(
                             f"{name}: {key} of parameter {saved_index} has shape {loaded.shape}, the parameter {param.shape}"
@@ -340,11 +491,12 @@ class Optimizer:
                     raise ValueError(f"{name}: unknown state entry {key!r} for parameter {saved_index}")
         for kind, key in enumerate(self._state_keys):  # copied into the optimizer's own blocks
             indices = [i for i, a in enumerate(new_buffers[key]) if a is not None]
-            for i, array in zip(indices, self._zeros_state(kind, indices)):
+            for i, array in zip(indices, self._zeros_state(kind, indices, new_groups)):
                 array[...] = new_buffers[key][i]
                 new_buffers[key][i] = array
         self.param_groups[:] = new_groups
         self._buffers = new_buffers
+        self._masters = new_masters
         self._steps = new_steps
         self._complete_for = None
         self._plan = None
@@ -355,6 +507,22 @@ class Optimizer:
             lines.append(f"Parameter Group {i}")
             lines.extend(f"    {k}: {group[k]}" for k in sorted(group) if k != "params")
         return "\n".join(lines) + "\n)"
+
+
+def _state_dtype_of(value: object, where: str) -> np.dtype[Any] | None:
+    """``state_dtype`` as a NumPy dtype (None: the default); TypeError when it is not one."""
+    if value is None:
+        return None
+    try:
+        dtype: np.dtype[Any] | None = np.dtype(value)  # type: ignore[call-overload]
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in ("float32", "float64", "bfloat16", "float16"):
+        raise TypeError(
+            f"{where}: state_dtype must be None, numpy.float32 or ml_dtypes.bfloat16 (float16 for float16 params, "
+            f"float64 for float64 params), got {value!r}"
+        )
+    return dtype
 
 
 class Adam(Optimizer):
@@ -370,15 +538,26 @@ class Adam(Optimizer):
     ``lr`` is in parameter units per step; ``eps`` in gradient units.
 
     Args:
-        params: a list of float32/float64 C-contiguous arrays, a dict name -> array,
-            or a list of param-group dicts (``{"params": [...], "lr": ...}``).
+        params: a list of C-contiguous arrays (float32, float64, ``ml_dtypes.bfloat16`` or
+            float16), a dict name -> array, or a list of param-group dicts
+            (``{"params": [...], "lr": ...}``).
         lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay:
             as in ``torch.optim.Adam``.
+        max_grad_norm: clip the global L2 norm of all gradients to this (torch's
+            ``clip_grad_norm_`` coefficient, fused into the step); ``step()`` returns the norm.
+        master_weights: (group key) bfloat16/float16 params keep a float32 copy in the state
+            (``state[i]["master_param"]``); the step updates it and writes it, rounded, to the param.
+        state_dtype: (group key) the dtype of ``exp_avg``/``exp_avg_sq``: None (float32 for
+            float32 and narrower params, float64 for float64), or ``ml_dtypes.bfloat16``.
+        stochastic_rounding: (group key) bfloat16 params without master weights are rounded
+            stochastically (unbiased; deterministic in the param's index, step and element).
 
-    ``step(grads)`` takes gradients in the params' structure; arrays are updated in place.
+    ``step(grads, *, grad_scale=None, params_out=None)`` takes gradients in the params'
+    structure (bfloat16/float16 gradients for float32 params too); arrays are updated in place.
     """
 
     _algorithm = ADAM
+    _takes_narrow = True
 
     def __init__(
         self,
@@ -391,7 +570,17 @@ class Adam(Optimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        stochastic_rounding: bool = False,
     ) -> None:
+        name = f"{type(self).__name__}()"
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float, np.floating, np.integer)):
+                raise TypeError(f"{name}: max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
+            if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+                raise ValueError(f"{name}: max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,  # validated with the group
@@ -400,14 +589,58 @@ class Adam(Optimizer):
             amsgrad=amsgrad,
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
+            master_weights=master_weights,
+            state_dtype=_state_dtype_of(state_dtype, name),
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
 
+    def _mixed(self, group: Mapping[str, Any]) -> bool:
+        return bool(group.get("master_weights") or group.get("stochastic_rounding")) or group.get("state_dtype") is not None or any(
+            p.dtype.name in _NARROW_KINDS for p in group["params"]
+        )
+
+    def _state_dtype(self, group: Mapping[str, Any], param: np.ndarray) -> np.dtype[Any]:
+        dtype = _state_dtype_of(group.get("state_dtype"), self._step_name)
+        if dtype is not None:
+            return dtype
+        return param.dtype if param.dtype == np.float64 else np.dtype(np.float32)
+
+    def _check_precision(self, group: Mapping[str, Any], arrays: Sequence[np.ndarray], where: str) -> None:
+        for key in ("master_weights", "stochastic_rounding"):
+            if not isinstance(group.get(key, False), (bool, np.bool_)):
+                raise TypeError(f"{where}: {key} must be True or False, got {group[key]!r}")
+        master = bool(group.get("master_weights"))
+        state = _state_dtype_of(group.get("state_dtype"), where)
+        for j, p in enumerate(arrays):
+            kind = p.dtype.name
+            if master and kind not in _NARROW_KINDS:
+                raise ValueError(
+                    f"{where}: master_weights=True keeps float32 copies of bfloat16/float16 params, but params[{j}] is "
+                    f"{kind}; leave master_weights off for it (put it in another param group)"
+                )
+            if group.get("stochastic_rounding") and (kind != "bfloat16" or master):
+                raise ValueError(
+                    f"{where}: stochastic_rounding=True rounds bfloat16 params updated directly; params[{j}] is {kind}"
+                    + (" with master_weights=True (its float32 master is never rounded)" if master else "")
+                )
+            if state is not None:
+                ok = (
+                    state == p.dtype if kind == "float64"
+                    else state.name in ("float32", "bfloat16") or (state.name == "float16" and kind == "float16" and not master)
+                )
+                if not ok:
+                    raise ValueError(
+                        f"{where}: state_dtype {state.name} does not go with params[{j}] of dtype {kind}; states are "
+                        "float32 or bfloat16 (float16 for float16 params without master weights, float64 for float64 params)"
+                    )
 
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as torch.optim.AdamW:
-    ``p = p * (1 - lr*weight_decay)`` before the Adam update. Default ``weight_decay=1e-2``."""
+    ``p = p * (1 - lr*weight_decay)`` before the Adam update. Default ``weight_decay=1e-2``.
+    Mixed-precision keywords as for :class:`Adam`."""
 
     def __init__(
         self,
@@ -419,8 +652,16 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        stochastic_rounding: bool = False,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
+            max_grad_norm=max_grad_norm, master_weights=master_weights, state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+        )
 
 
 class SGD(Optimizer):

@@ -42,6 +42,11 @@ inf, subnormals are kept). Before the step, with ``grad_scale`` and/or ``max_gra
     step skipped, nothing written, if norm is not finite
     g = g * float32(max_grad_norm / (norm + 1e-6))    # when that is < 1 (clip_grad_norm_'s coefficient)
 
+With a stochastic-rounding seed (bfloat16 params), the updated param is rounded by
+``stochastic_round_bf16`` instead of to nearest: the float32 bits plus 16 random bits,
+truncated; the random bits of element ``i`` at step ``t`` are the top 16 bits of
+splitmix64's output for the counter ``mix64(seed * gamma + t) + (i + 1) * gamma``.
+
 SGD, per element (torch.optim.SGD)::
 
     g = -grad if maximize else grad                   # (not with weight decay: next line)
@@ -58,7 +63,7 @@ import math
 
 import numpy as np
 
-__all__ = ["adam_step", "adam_step_multi", "grad_sq_sum", "sgd_step"]
+__all__ = ["adam_step", "adam_step_multi", "grad_sq_sum", "sgd_step", "stochastic_round_bf16"]
 
 # The norm pass sums squares in blocks of this many elements (the kernel's kNormBlock).
 NORM_BLOCK = 4096
@@ -142,6 +147,34 @@ def grad_sq_sum(grads: list[np.ndarray], grad_scale: float | None = None) -> flo
     return float(np.cumsum(sums)[-1]) if sums.size else 0.0
 
 
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    out: np.ndarray = z ^ (z >> np.uint64(31))
+    return out
+
+
+def stochastic_round_bf16(x: np.ndarray, seed: int, step: int) -> np.ndarray:
+    """float32 ``x`` rounded to bfloat16 stochastically: up with probability equal to the
+    fraction dropped, so ``E[round(x)] = x``; deterministic in (seed, step, element index)."""
+    import ml_dtypes
+
+    u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    key = _mix64(np.array([(seed * _GAMMA + step) & _MASK64], dtype=np.uint64))[0]
+    counters = key + (np.arange(1, u.size + 1, dtype=np.uint64) * np.uint64(_GAMMA))
+    random16 = (_mix64(counters) >> np.uint64(48)).astype(np.uint32)
+    out = ((u + random16) >> np.uint32(16)).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    out[nan] = ((u[nan] >> np.uint32(16)) & np.uint32(0x8000)).astype(np.uint16) | np.uint16(0x7FC0)
+    rounded: np.ndarray = out.view(ml_dtypes.bfloat16).reshape(np.shape(x))
+    return rounded
+
+
 def adam_step(
     param: np.ndarray,
     grad: np.ndarray,
@@ -194,6 +227,7 @@ def adam_step_multi(
     params_out: list[np.ndarray | None] | None = None,
     grad_scale: float | None = None,
     max_grad_norm: float | None = None,
+    rounding_seeds: list[int | None] | None = None,
 ) -> float | None:
     """Adam on many tensors: the reference for ``fastadam.adam_step_multi``.
 
@@ -202,7 +236,8 @@ def adam_step_multi(
 
     Returns the global L2 norm of the (unscaled) gradients when ``grad_scale`` or
     ``max_grad_norm`` is given, else None. A non-finite norm means a gradient held inf
-    or NaN: nothing was written.
+    or NaN: nothing was written. ``rounding_seeds``: per tensor, a seed for stochastic
+    rounding of a bfloat16 param (``stochastic_round_bf16``), or None (to nearest).
     """
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("adam_step_multi(): max_exp_avg_sqs is required with amsgrad=True")
@@ -236,7 +271,10 @@ def adam_step_multi(
         if clip_coef is not None:
             g = g * clip_coef
         _adam_update(p, g, m, v, v_max, step, **hyper)  # type: ignore[arg-type]
-        for to, value in ((param, p), (exp_avg, m), (exp_avg_sq, v), (max_exp_avg_sq, v_max), (param_out, p)):
+        seed = rounding_seeds[i] if rounding_seeds is not None else None
+        if seed is not None:
+            param[...] = stochastic_round_bf16(p, seed, step)
+        for to, value in ((None if seed is not None else param, p), (exp_avg, m), (exp_avg_sq, v), (max_exp_avg_sq, v_max), (param_out, p)):
             if to is not None and value is not None:
                 to[...] = value.astype(to.dtype)
     return norm if checks_grads else None

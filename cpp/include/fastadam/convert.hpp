@@ -36,6 +36,30 @@ inline std::uint16_t narrow_bf16(float x) {
     return static_cast<std::uint16_t>(nan ? ((u >> 16) & 0x8000u) | 0x7fc0u : rounded);
 }
 
+// Stochastic rounding to bfloat16 (docs/design.md, "Stochastic rounding"): 16 random bits
+// added to the float's bits before truncation round up with probability equal to the
+// dropped fraction, so the rounding is unbiased. NaN stays the quiet NaN of its sign.
+inline std::uint16_t narrow_bf16_stochastic(float x, std::uint32_t random16) {
+    const std::uint32_t u = bits_of(x);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return static_cast<std::uint16_t>(nan ? ((u >> 16) & 0x8000u) | 0x7fc0u : (u + random16) >> 16);
+}
+// splitmix64's output function: a counter-based generator, so the random bits of an
+// element depend on (seed, step, element index) only, not on threads or SIMD path.
+inline std::uint64_t mix64(std::uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+constexpr std::uint64_t kGoldenGamma = 0x9E3779B97F4A7C15ull;
+// The key of one tensor's step; element i takes the top 16 bits of mix64(key + (i+1)*gamma).
+inline std::uint64_t rounding_key(std::uint64_t seed, std::int64_t step) {
+    return mix64(seed * kGoldenGamma + static_cast<std::uint64_t>(step));
+}
+inline std::uint32_t rounding_bits(std::uint64_t key, std::int64_t index) {
+    return static_cast<std::uint32_t>(mix64(key + (static_cast<std::uint64_t>(index) + 1u) * kGoldenGamma) >> 48);
+}
+
 // float16 (IEEE binary16), NumPy's conversions (npy_half): subnormal halves are
 // converted with one exact float addition or subtraction of a power of two, which
 // needs the default rounding (to nearest) and no flush-to-zero, NumPy's setting too.

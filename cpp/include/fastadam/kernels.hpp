@@ -463,7 +463,7 @@ inline bool adam_fused_segment(const AdamMixedTensor& t, const AdamScalars<float
     if (h.amsgrad || h.maximize || lerp_from_grad<float>(h) || (h.weight_decay != 0.0 && !h.decoupled_weight_decay) ||
         (transform.unscale && !reciprocal_is_exact(transform.grad_scale)))
         return false;
-    if (t.param_out != nullptr && t.param_out_dtype != Storage::bfloat16) return false;
+    if ((t.param_out != nullptr && t.param_out_dtype != Storage::bfloat16) || t.stochastic_rounding) return false;
     AdamScalars<float> s = scalars;
     s.grad_unscale = transform.unscale ? 1.0f / transform.grad_scale : 1.0f;
     s.grad_clip = transform.clip ? transform.clip_coef : 1.0f;
@@ -492,6 +492,8 @@ inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float
     const bool amsgrad = t.hyper->amsgrad;
     const bool narrow_param = t.param_dtype != Storage::float32, narrow_state = t.state_dtype != Storage::float32;
     const bool direct_grad = t.grad_dtype == Storage::float32 && t.transform == nullptr;
+    const bool stochastic = t.stochastic_rounding && t.param_dtype == Storage::bfloat16;
+    const std::uint64_t key = stochastic ? rounding_key(t.rounding_seed, t.step) : 0;
     for (std::int64_t at = begin; at < end; at += kStageElements) {
         const std::int64_t n = end - at < kStageElements ? end - at : kStageElements;
         AdamTensor<float> f;
@@ -517,7 +519,12 @@ inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float
             if (amsgrad) f.max_exp_avg_sq = static_cast<float*>(t.max_exp_avg_sq) + at;
         }
         adam_segment<float>(f, s, 0, n);
-        if (narrow_param) narrow(t.param, t.param_dtype, param, at, n);
+        if (stochastic) {
+            Bf16* out = static_cast<Bf16*>(t.param) + at;
+            for (std::int64_t j = 0; j < n; ++j) out[j].bits = narrow_bf16_stochastic(param[j], rounding_bits(key, at + j));
+        } else if (narrow_param) {
+            narrow(t.param, t.param_dtype, param, at, n);
+        }
         if (t.param_out != nullptr) narrow(t.param_out, t.param_out_dtype, f.param, at, n);
         if (narrow_state) {
             narrow(t.exp_avg, t.state_dtype, exp_avg, at, n);

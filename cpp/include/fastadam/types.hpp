@@ -113,6 +113,10 @@ struct AdamMixedTensor {
     std::int64_t step = 1;
     const AdamHyperparams* hyper = nullptr;
     const GradTransform* transform = nullptr;  // nullptr: the gradient as it is
+    // bfloat16 params only: round the updated param stochastically with this seed
+    // (convert.hpp, rounding_key), not to nearest.
+    bool stochastic_rounding = false;
+    std::uint64_t rounding_seed = 0;
 };
 
 // A gradient for the global-norm pass (grad_sq_sum).
