@@ -332,6 +332,55 @@ PyObject* adam_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs, Py
     });
 }
 
+// The optimizers' step counts: one int64 array (NumPy optimizers), or a list of 0-d
+// float32/float64/int64 arrays, views of torch's state["step"] tensors (torch adapter),
+// counted in their own dtype as torch's _foreach_add_(steps, 1).
+class StepCounts {
+public:
+    StepCounts(py::handle counts, const char* fn, std::size_t n) {
+        const int int64_num = py::dtype::of<std::int64_t>().num();
+        const auto type_of = [&](const py::array& a) {
+            const int num = a.dtype().num();
+            return num == py::detail::npy_api::NPY_FLOAT_ ? 'f' : num == py::detail::npy_api::NPY_DOUBLE_ ? 'd' : num == int64_num ? 'q' : 0;
+        };
+        const auto take = [&](py::handle h, bool one) {
+            if (!py::isinstance<py::array>(h)) throw_type(std::string(fn) + ": internal error: step counts must be numpy arrays");
+            auto a = py::reinterpret_borrow<py::array>(h);
+            const char type = type_of(a);
+            if (type == 0 || (one && a.size() != 1) || (!one && type != 'q') || !(a.flags() & py::array::c_style) || !a.writeable())
+                throw_value(std::string(fn) + ": internal error: step counts must be writeable int64 (or 0-d float) arrays");
+            for (py::ssize_t k = 0; k < a.size(); ++k) refs_.push_back({static_cast<char*>(a.mutable_data()) + k * a.itemsize(), type});
+        };
+        if (PyList_Check(counts.ptr())) {
+            check_list(counts, fn, "counts", n, true);
+            for (std::size_t i = 0; i < n; ++i) take(item(counts, i), true);
+        } else {
+            take(counts, false);
+        }
+    }
+    std::size_t size() const { return refs_.size(); }
+    std::int64_t get(std::size_t i) const {
+        const Ref& r = refs_[i];
+        if (r.type == 'q') return *reinterpret_cast<const std::int64_t*>(r.data);
+        const double v = r.type == 'f' ? *reinterpret_cast<const float*>(r.data) : *reinterpret_cast<const double*>(r.data);
+        if (!(v >= 0.0 && v < 9.0e15) || v != std::floor(v)) throw_value("step count " + std::to_string(v) + " is not a whole number >= 0");
+        return static_cast<std::int64_t>(v);
+    }
+    void increment(std::size_t i) {
+        const Ref& r = refs_[i];
+        if (r.type == 'f') *reinterpret_cast<float*>(r.data) += 1.0f;
+        else if (r.type == 'd') *reinterpret_cast<double*>(r.data) += 1.0;
+        else *reinterpret_cast<std::int64_t*>(r.data) += 1;
+    }
+
+private:
+    struct Ref {
+        char* data;
+        char type;
+    };
+    std::vector<Ref> refs_;
+};
+
 // _adam_step_groups(fn, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, params_out, counts,
 // indices, group_index, groups, grad_scale, max_grad_norm, rounding_seeds): the NumPy and
 // torch optimizers' mixed-precision step (optim.py), adam_step_multi with each tensor's
@@ -350,13 +399,7 @@ PyObject* adam_step_groups(PyObject*, PyObject* const* args, Py_ssize_t nargs, P
         for (int k = 1; k <= 5; ++k) check_list(args[k], fn, names[k - 1], n, true);
         check_list(args[7], fn, "indices", n, true);
         check_list(args[8], fn, "group_index", n, true);
-        if (!py::isinstance<py::array>(args[6])) throw_type(std::string(fn) + ": counts must be an int64 array");
-        auto counts_array = py::reinterpret_borrow<py::array>(args[6]);
-        if (counts_array.dtype().num() != py::dtype::of<std::int64_t>().num() || !(counts_array.flags() & py::array::c_style) ||
-            !counts_array.writeable())
-            throw_value(std::string(fn) + ": counts must be a writeable C-contiguous int64 array");
-        auto* counts = static_cast<std::int64_t*>(counts_array.mutable_data());
-        const auto n_counts = static_cast<std::size_t>(counts_array.size());
+        StepCounts counts(args[6], fn, n);
         const std::size_t n_groups = check_list(args[9], fn, "groups", 0, false);
         const py::handle seeds = args[12];
         if (!seeds.is_none()) check_list(seeds, fn, "rounding_seeds", n, true);
@@ -370,9 +413,9 @@ PyObject* adam_step_groups(PyObject*, PyObject* const* args, Py_ssize_t nargs, P
                                           item(args[3], i), item(args[4], i), item(args[5], i)};
             index[i] = py::cast<std::size_t>(item(args[7], i));
             const auto g = py::cast<std::size_t>(item(args[8], i));
-            if (index[i] >= n_counts || g >= n_groups) throw_value(std::string(fn) + ": internal error: an index out of range");
+            if (index[i] >= counts.size() || g >= n_groups) throw_value(std::string(fn) + ": internal error: an index out of range");
             const std::size_t mixed_before = batch.mixed.size();
-            batch.add(i, arrays, counts[index[i]] + 1, &hypers[g]);
+            batch.add(i, arrays, counts.get(index[i]) + 1, &hypers[g]);
             const py::handle seed = seeds.is_none() ? seeds : item(seeds, i);
             if (!seed.is_none()) {
                 if (batch.mixed.size() == mixed_before || batch.mixed.back().param_dtype != Storage::bfloat16)
@@ -383,7 +426,7 @@ PyObject* adam_step_groups(PyObject*, PyObject* const* args, Py_ssize_t nargs, P
         }
         const double norm = batch.run();
         if (!batch.checks_grads || std::isfinite(norm))
-            for (std::size_t i = 0; i < n; ++i) ++counts[index[i]];
+            for (std::size_t i = 0; i < n; ++i) counts.increment(index[i]);
         return norm_result(batch.checks_grads, norm);
     });
 }

@@ -79,7 +79,7 @@ def _adam_step_groups(
     exp_avg_sqs: Sequence[_AnyArray | None],
     max_exp_avg_sqs: Sequence[_AnyArray | None],
     params_out: Sequence[_AnyArray | None],
-    counts: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64] | Sequence[npt.NDArray[Any]],
     indices: Sequence[int],
     group_index: Sequence[int],
     groups: Sequence[Mapping[str, Any]],

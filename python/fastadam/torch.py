@@ -104,7 +104,13 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _tensor_error(t: object, what: str, torch_name: str, fix: str = "param.data = param.data.contiguous(), before the optimizer is created or its state loaded") -> Exception:
+def _tensor_error(
+    t: object,
+    what: str,
+    torch_name: str,
+    fix: str = "param.data = param.data.contiguous(), before the optimizer is created or its state loaded",
+    half_ok: bool = False,
+) -> Exception:
     """The error for a tensor fastadam cannot update in place (called once a check failed)."""
     if not isinstance(t, torch.Tensor):
         return TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
@@ -122,13 +128,14 @@ def _tensor_error(t: object, what: str, torch_name: str, fix: str = "param.data 
             f"{desc} is complex: fastadam.torch handles real float32 and float64 tensors; "
             f"use torch.optim.{torch_name} for complex parameters"
         )
-    if t.dtype not in _FLOATS:
+    if t.dtype not in _FLOATS and not (half_ok and t.dtype in _HALF):
         hint = (
-            "; for mixed precision keep float32 master parameters (e.g. torch.autocast) and optimize those"
+            "; bfloat16/float16 params: fastadam.torch.Adam/AdamW take them (mixed precision)"
             if t.dtype in _HALF
             else ""
         )
-        return TypeError(f"{desc} has dtype {t.dtype}: fastadam.torch handles float32 and float64 only{hint}")
+        kinds = "float32, float64, bfloat16 and float16" if half_ok else "float32 and float64 only"
+        return TypeError(f"{desc} has dtype {t.dtype}: fastadam.torch.{torch_name} handles {kinds}{hint}")
     if not t.is_contiguous():
         return ValueError(
             f"{desc} is not contiguous (strides {t.stride()}): fastadam updates memory in place and never a "
@@ -139,26 +146,41 @@ def _tensor_error(t: object, what: str, torch_name: str, fix: str = "param.data 
     return ValueError(f"{desc} cannot be updated in place by fastadam")
 
 
-def _ok(t: object) -> bool:
+def _ok(t: object, dtypes: tuple[torch.dtype, ...] = _FLOATS) -> bool:
     return (
         isinstance(t, torch.Tensor)
         and t.is_cpu
         and t.layout == torch.strided
-        and t.dtype in _FLOATS
+        and t.dtype in dtypes
         and t.is_contiguous()
         and not t.is_neg()
     )
 
 
-def _grad_error(step_name: str, torch_name: str, p: torch.Tensor, label: str, grad: object) -> Exception:
+_ANY_FLOAT = _FLOATS + _HALF  # Adam's mixed-precision step
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous CPU tensor's memory (bfloat16 as ml_dtypes.bfloat16)."""
+    t = t.detach()
+    if t.dtype != torch.bfloat16:
+        return t.numpy()
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise ImportError('bfloat16 tensors need ml_dtypes: pip install "fastadam[bf16]"') from error
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+def _grad_error(step_name: str, torch_name: str, p: torch.Tensor, label: str, grad: object, half_ok: bool = False) -> Exception:
     what = f"{step_name}: the gradient of {label}"
-    if _ok(grad):
+    if _ok(grad, _ANY_FLOAT if half_ok else _FLOATS):
         assert isinstance(grad, torch.Tensor)
         if grad.dtype != p.dtype:
             return TypeError(f"{what} has dtype {grad.dtype}, the parameter {p.dtype}: they must match")
         if grad.shape != p.shape:
             return ValueError(f"{what} has shape {tuple(grad.shape)}, the parameter {tuple(p.shape)}: they must match")
-    return _tensor_error(grad, what, torch_name, fix="p.grad = p.grad.contiguous()")
+    return _tensor_error(grad, what, torch_name, fix="p.grad = p.grad.contiguous()", half_ok=half_ok)
 
 
 # ----- state that tells the optimizer when it changes ------------------------------------
@@ -300,7 +322,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
     # multi-tensor: foreach/fused are accepted and change nothing; the others must stay off.
     _impl_flags: ClassVar[dict[str, bool | None]] = {}
     _refused_flags: ClassVar[tuple[str, ...]] = ("capturable", "differentiable")
-    _flag_defaults: ClassVar[dict[str, bool]] = {}
+    _flag_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         for key in self._refused_flags:
@@ -312,6 +334,9 @@ class _NativeOptimizer(torch.optim.Optimizer):
         self._plan_epoch = -1
         self._epoch = [0]
         self._guard = StepGuard(self._step_name)
+        self._half = False  # a param is bfloat16/float16: steps take the mixed path
+        self.last_grad_norm: float | None = None  # the global gradient norm of the last mixed step
+        self.last_step_skipped = False  # the last step met inf/NaN (or GradScaler's found_inf): nothing written
         super().__init__(params, defaults)
         self.state = _State(self._epoch, self.state.items())
 
@@ -361,10 +386,29 @@ class _NativeOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._guard:
+            if self._mixed_mode():
+                self._mixed_step()
+                return loss
             plan = self._plan
             if plan is None or self._plan_epoch != self._epoch[0] or not plan.torch_step(self.param_groups):
-                self._rebuild_and_step()
+                try:
+                    self._rebuild_and_step()
+                except TypeError:
+                    # a param turned bfloat16/float16 (param.data = ...): nothing was written
+                    if not self._takes_half or not any(p.dtype in _HALF for g in self.param_groups for p in g["params"]):
+                        raise
+                    self._half = True
+                    self._mixed_step()
+        self.last_step_skipped = False
         return loss
+
+    _takes_half: ClassVar[bool] = False  # Adam: bfloat16/float16 params, master weights, GradScaler
+
+    def _mixed_mode(self) -> bool:
+        return False
+
+    def _mixed_step(self) -> None:
+        raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, as ``torch.optim.Optimizer.add_param_group``; its tensors and
@@ -374,14 +418,22 @@ class _NativeOptimizer(torch.optim.Optimizer):
         g = len(self.param_groups) - 1
         name = f"{type(self).__name__}()"
         try:
+            dtypes = _ANY_FLOAT if self._takes_half else _FLOATS
             for i, p in enumerate(group["params"]):
-                if not _ok(p):
-                    raise _tensor_error(p, f"fastadam.torch.{name}: param_groups[{g}]['params'][{i}]", self._torch_name)
+                if not _ok(p, dtypes):
+                    raise _tensor_error(
+                        p, f"fastadam.torch.{name}: param_groups[{g}]['params'][{i}]", self._torch_name, half_ok=self._takes_half
+                    )
             self._check_group(group, f"fastadam.torch.{name}: param_groups[{g}]", f"{name}: param_groups[{g}]")
+            self._check_precision(group, f"fastadam.torch.{name}: param_groups[{g}]")
         except BaseException:
             self.param_groups.pop()
             raise
+        self._half = self._half or any(p.dtype in _HALF for p in group["params"])
         self._plan = None
+
+    def _check_precision(self, group: Mapping[str, Any], where: str) -> None:
+        """Adam checks its mixed-precision keys against the group's params; SGD has none."""
 
     def _check_group(self, group: Mapping[str, Any], where: str, flag_where: str) -> None:
         for key in self._refused_flags:
@@ -563,7 +615,11 @@ class _NativeOptimizer(torch.optim.Optimizer):
                 for k, entry in state.items()
             }
         super().load_state_dict(state_dict)
+        self._restore_state_dtypes(state_dict)
 
+    def _restore_state_dtypes(self, state_dict: Mapping[str, Any]) -> None:
+        """torch's loading casts every state tensor to its param's dtype; Adam's master
+        weights and states of another dtype (mixed precision) get theirs back."""
     def _check_loaded_state(self, state_dict: Mapping[str, Any]) -> None:
         # Before torch's loading replaces anything: each parameter's entry complete and
         # real for its (loaded) group. Group layouts that do not match are torch's to refuse.
@@ -607,6 +663,9 @@ class _NativeOptimizer(torch.optim.Optimizer):
         self._plan = None
         self._plan_epoch = -1
         self._guard = StepGuard(self._step_name)
+        self._half = any(p.dtype in _HALF for g in self.param_groups for p in g["params"])
+        self.last_grad_norm = None
+        self.last_step_skipped = False
 
 
 def _check_torch_scalars(lr: object, betas: tuple[object, ...] | None) -> None:
@@ -685,9 +744,22 @@ class Adam(_NativeOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         _check_torch_scalars(lr, tuple(betas))
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+                raise TypeError(f"fastadam.torch.{type(self).__name__}(): max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
+            if not (np.isfinite(max_grad_norm) and max_grad_norm > 0):
+                raise ValueError(f"fastadam.torch.{type(self).__name__}(): max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        # The mixed-precision keys join the groups only when set: torch's layout otherwise.
+        mixed = {"master_weights": master_weights, "state_dtype": state_dtype, "stochastic_rounding": stochastic_rounding}
         defaults = {
+            **{k: v for k, v in mixed.items() if v not in (None, False)},
+            **({} if max_grad_norm is None else {"max_grad_norm": float(max_grad_norm)}),
             "lr": lr,
             "betas": tuple(betas),
             "eps": eps,
@@ -701,6 +773,169 @@ class Adam(_NativeOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(params, defaults)
+
+
+    _takes_half = True
+    # torch.amp.GradScaler hands this optimizer grad_scale and found_inf (as torch's fused Adam)
+    _step_supports_amp_scaling = True
+
+    def _mixed_mode(self) -> bool:
+        return (
+            self._half
+            or getattr(self, "grad_scale", None) is not None
+            or getattr(self, "found_inf", None) is not None
+            or self.defaults.get("max_grad_norm") is not None
+            or any(g.get("master_weights") or g.get("stochastic_rounding") or g.get("state_dtype") is not None for g in self.param_groups)
+        )
+
+    def _check_precision(self, group: Mapping[str, Any], where: str) -> None:
+        for key in ("master_weights", "stochastic_rounding"):
+            if not isinstance(group.get(key, False), bool):
+                raise TypeError(f"{where}: {key} must be True or False, got {group[key]!r}")
+        master = bool(group.get("master_weights"))
+        state = group.get("state_dtype")
+        if state is not None and state not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"{where}: state_dtype must be None, torch.float32 or torch.bfloat16, got {state!r}")
+        for j, p in enumerate(group["params"]):
+            if master and p.dtype not in _HALF:
+                raise ValueError(
+                    f"{where}: master_weights=True keeps float32 copies of bfloat16/float16 params, but params[{j}] is "
+                    f"{p.dtype}; leave master_weights off for it (put it in another param group)"
+                )
+            if group.get("stochastic_rounding") and (p.dtype != torch.bfloat16 or master):
+                raise ValueError(
+                    f"{where}: stochastic_rounding=True rounds bfloat16 params updated directly; params[{j}] is {p.dtype}"
+                    + (" with master_weights=True (its float32 master is never rounded)" if master else "")
+                )
+            if state is not None:
+                if p.dtype == torch.float64:
+                    ok = state == torch.float64
+                else:
+                    ok = state in (torch.float32, torch.bfloat16) or (state == torch.float16 and p.dtype == torch.float16 and not master)
+                if not ok:
+                    raise ValueError(
+                        f"{where}: state_dtype {state} does not go with params[{j}] of dtype {p.dtype}; states are float32 "
+                        "or bfloat16 (float16 for float16 params without master weights, float64 for float64 params)"
+                    )
+
+    def _state_dtype(self, group: Mapping[str, Any], p: torch.Tensor) -> torch.dtype:
+        state = group.get("state_dtype")
+        if state is not None:
+            return state  # type: ignore[no-any-return]
+        return torch.float32 if group.get("master_weights") else p.dtype  # as torch: the param's dtype
+
+    def _restore_state_dtypes(self, state_dict: Mapping[str, Any]) -> None:
+        saved_groups = state_dict.get("param_groups", [])
+        saved_state = state_dict.get("state", {})
+        for group, saved in zip(self.param_groups, saved_groups):
+            for p, index in zip(group["params"], saved.get("params", ())):
+                entry, loaded = self.state.get(p), saved_state.get(index)
+                if not entry or not isinstance(loaded, Mapping):
+                    continue
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+                    value = loaded.get(key)
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    want = torch.float32 if key == "master_param" else self._state_dtype(group, p)
+                    if entry[key].dtype != want:
+                        entry[key] = value.to(want)
+
+    def _mixed_step(self) -> None:
+        """Mixed precision (docs/design.md): bf16/fp16 params, fp32 masters, states of
+        ``state_dtype``, GradScaler's grad_scale/found_inf, max_grad_norm; one native call."""
+        name = self._step_name
+        cls = type(self).__name__
+        tensors: list[torch.Tensor] = []
+        labels: list[str] = []
+        group_index: list[int] = []
+        seeds: list[int | None] = []
+        flat = 0
+        for g, group in enumerate(self.param_groups):
+            where = f"{cls}.step(): param_groups[{g}]"
+            self._check_group(group, f"fastadam.torch.{where}", where)
+            self._check_precision(group, f"fastadam.torch.{where}")
+            for i, p in enumerate(group["params"]):
+                label = f"param_groups[{g}]['params'][{i}]"
+                if not _ok(p, _ANY_FLOAT):
+                    raise _tensor_error(p, f"{name}: {label}", self._torch_name, half_ok=True)
+                grad = p.grad
+                if grad is not None:
+                    if not (_ok(grad, _ANY_FLOAT) and grad.dtype == p.dtype and grad.shape == p.shape):
+                        raise _grad_error(name, self._torch_name, p, label, grad, half_ok=True)
+                    tensors.append(p)
+                    labels.append(label)
+                    group_index.append(g)
+                    seeds.append(flat if group.get("stochastic_rounding") else None)
+                flat += 1
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None and any(p.dtype == torch.float64 for p in tensors):
+            # The kernel unscales float32 arithmetic only: unscale in place as GradScaler.unscale_ does.
+            found = torch.zeros(1) if found_inf is None else found_inf.clone()
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [p.grad for p in tensors], found, (1.0 / grad_scale.double()).float().reshape(1)
+            )
+            found_inf, grad_scale = found, None
+        if found_inf is not None and float(found_inf) != 0.0:
+            self.last_step_skipped = True  # GradScaler found inf/NaN: torch's fused Adam skips the step
+            self.last_grad_norm = None
+            return
+        created = Rollback()
+        counts: list[np.ndarray] = []
+        marker: list[float] | None = None  # the first count before the call: changed once the step happened
+        try:
+            for p, g in zip(tensors, group_index):
+                group = self.param_groups[g]
+                if p not in self.state:
+                    created.add(functools.partial(dict.pop, self.state, p, None))
+                entry = self.state[p]
+                wanted = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+                wanted += ["master_param"] if group.get("master_weights") else []
+                for key in wanted:
+                    if entry.get(key) is not None:
+                        continue
+                    if key == "step":
+                        value = torch.tensor(0.0, dtype=_scalar_dtype())
+                    elif key == "master_param":
+                        value = p.detach().to(torch.float32, copy=True)  # exact widening
+                    else:
+                        value = torch.zeros(p.shape, dtype=self._state_dtype(group, p))
+                    created.add(functools.partial(dict.pop, entry, key, None))
+                    entry[key] = value
+            params, grads, exp_avgs, exp_avg_sqs, maxes, outs = [], [], [], [], [], []
+            for p, g, label in zip(tensors, group_index, labels):
+                group = self.param_groups[g]
+                entry = self.state[p]
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+                    if entry.get(key) is not None and not _ok(entry[key], _ANY_FLOAT):
+                        raise _tensor_error(entry[key], f"{name}: state[{key!r}] of {label}", self._torch_name, half_ok=True)
+                master = entry.get("master_param") if group.get("master_weights") else None
+                params.append(_numpy(p) if master is None else _numpy(master))
+                outs.append(_numpy(p) if master is not None else None)
+                grads.append(_numpy(p.grad))  # type: ignore[arg-type]
+                exp_avgs.append(_numpy(entry["exp_avg"]))
+                exp_avg_sqs.append(_numpy(entry["exp_avg_sq"]))
+                maxes.append(_numpy(entry["max_exp_avg_sq"]) if group["amsgrad"] else None)
+                step = self._step_array(entry, label)
+                assert step is not None
+                counts.append(step)
+            if _increment_version is not None and tensors:
+                _increment_version(tuple(tensors))  # before, as torch_step does
+            marker = [float(c) for c in counts[:1]]
+            norm = _core._adam_step_groups(
+                name, params, grads, exp_avgs, exp_avg_sqs, maxes, outs, counts, list(range(len(tensors))),
+                group_index, self.param_groups, None if grad_scale is None else float(grad_scale),
+                self.defaults.get("max_grad_norm"), seeds if any(x is not None for x in seeds) else None,
+            )
+        except BaseException:
+            if created and (marker is None or [float(c) for c in counts[:1]] == marker):
+                created.run()  # the step did not happen
+            raise
+        skipped = norm is not None and not np.isfinite(norm)
+        if skipped and created:
+            created.run()
+        self.last_grad_norm = norm
+        self.last_step_skipped = skipped
 
 
 class AdamW(Adam):
@@ -726,6 +961,10 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -740,6 +979,10 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            max_grad_norm=max_grad_norm,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
