@@ -441,3 +441,15 @@ def test_missing_extra_from_the_command_line():
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith("ImportError: the bundled digits data set needs scikit-learn")
     assert 'pip install "fastadam[examples]"' in out.stderr
+
+
+def test_bf16_runs_master_weights_and_stochastic_rounding_match_fp32():
+    # bf16 weights rounded to nearest lose Adam's small updates (lr 1e-3 is below half a bf16
+    # ulp for most weights); master weights and stochastic rounding keep fp32 AdamW's loss.
+    names = ("adamw", "adamw-bf16", "adamw-bf16-master", "adamw-bf16-sr", "adamw-bf16-states")
+    results = {r["optimizer"]: r for r in digits.run(digits.Config(models=("softmax",), optimizers=names, progress=False,
+                                                                    reference_steps=0))}
+    fp32 = results["adamw"]["train_loss"]
+    for name in ("adamw-bf16-master", "adamw-bf16-sr", "adamw-bf16-states"):
+        assert abs(results[name]["train_loss"] - fp32) <= 0.05 * fp32, (name, results[name]["train_loss"], fp32)
+    assert results["adamw-bf16"]["train_loss"] > 1.3 * fp32

@@ -22,6 +22,15 @@ Optimizers and their default learning rates (override with --lr NAME=VALUE, repe
   momentum  SGD, momentum 0.9                     lr 0.01
   nesterov  SGD, momentum 0.9, nesterov           lr 0.01
 
+Mixed precision (bfloat16, ml_dtypes; AdamW, weight_decay 1e-2): the model's weights
+are stored in bfloat16 and its gradients are rounded to bfloat16 (the forward and
+backward passes compute in float32 from the bfloat16 weights):
+
+  adamw-bf16         bf16 weights, updated and rounded to nearest      lr 1e-3
+  adamw-bf16-master  bf16 weights, float32 master weights              lr 1e-3
+  adamw-bf16-sr      bf16 weights, stochastic rounding                 lr 1e-3
+  adamw-bf16-states  float32 weights, bfloat16 exp_avg/exp_avg_sq      lr 1e-3
+
 The Adam family uses the usual 1e-3. The SGD momentum variants use lr 0.01 so that
 their long-run step, lr / (1 - momentum) = 0.1, matches plain SGD's.
 
@@ -67,8 +76,15 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("SGD", {}),
     "momentum": ("SGD", {"momentum": 0.9}),
     "nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
+    "adamw-bf16": ("AdamW", {"weight_decay": 1e-2}),
+    "adamw-bf16-master": ("AdamW", {"weight_decay": 1e-2, "master_weights": True}),
+    "adamw-bf16-sr": ("AdamW", {"weight_decay": 1e-2, "stochastic_rounding": True}),
+    "adamw-bf16-states": ("AdamW", {"weight_decay": 1e-2, "state_dtype": "bfloat16"}),
 }
-DEFAULT_LR: dict[str, float] = {"adam": 1e-3, "adamw": 1e-3, "amsgrad": 1e-3, "sgd": 0.1, "momentum": 0.01, "nesterov": 0.01}
+DEFAULT_LR: dict[str, float] = {"adam": 1e-3, "adamw": 1e-3, "amsgrad": 1e-3, "sgd": 0.1, "momentum": 0.01, "nesterov": 0.01,
+                                "adamw-bf16": 1e-3, "adamw-bf16-master": 1e-3, "adamw-bf16-sr": 1e-3, "adamw-bf16-states": 1e-3}
+# The runs whose weights are stored in bfloat16; every "-bf16" run takes bfloat16 gradients.
+BF16_WEIGHTS = ("adamw-bf16", "adamw-bf16-master", "adamw-bf16-sr")
 
 
 @dataclasses.dataclass
@@ -129,6 +145,8 @@ def check_extras(config: Config, plot: bool) -> None:
         require_extra("sklearn.datasets", "the bundled digits data set")
     if config.progress:
         require_extra("tqdm", "the progress bar (--no-progress runs without it)")
+    if any("-bf16" in name for name in config.optimizers):
+        require_extra("ml_dtypes", "the bfloat16 runs (--optimizers without the -bf16 ones run without it)")
     if plot:
         require_extra("matplotlib.figure", "the loss-curve figure (--no-plot runs without it)")
 
@@ -159,6 +177,8 @@ def load_data(config: Config) -> Data:
 
 def make_optimizer(name: str, params: Any, lr: float) -> fastadam.Optimizer:
     cls, kwargs = OPTIMIZERS[name]
+    if kwargs.get("state_dtype") == "bfloat16":
+        kwargs = dict(kwargs, state_dtype=require_extra("ml_dtypes", "the bfloat16 runs").bfloat16)
     optimizer: fastadam.Optimizer = getattr(fastadam, cls)(params, lr=lr, **kwargs)
     return optimizer
 
@@ -207,7 +227,10 @@ def train_one(model_name: str, opt_name: str, data: Data, orders: list[Array], c
     Xtr, ytr, Xte, yte = data
     model = build_model(model_name, Xtr.shape[2:], config.seed)
     lr = config.learning_rate(opt_name)
-    opt = make_optimizer(opt_name, model.params, lr)
+    bf16 = require_extra("ml_dtypes", "the bfloat16 runs").bfloat16 if "-bf16" in opt_name else None
+    # bfloat16 weights: the optimizer updates them; the model computes from their float32 values
+    weights = {k: v.astype(bf16) for k, v in model.params.items()} if opt_name in BF16_WEIGHTS else model.params
+    opt = make_optimizer(opt_name, weights, lr)
     curve = [evaluate(model, Xtr, ytr)[0]]
     batch_losses: list[float] = []
     train_s = step_s = 0.0
@@ -216,9 +239,14 @@ def train_one(model_name: str, opt_name: str, data: Data, orders: list[Array], c
         for i in range(0, len(order), config.batch_size):
             idx = order[i:i + config.batch_size]
             loss, grads = model.loss_and_grads(Xtr[idx], ytr[idx])
+            if bf16 is not None:
+                grads = {k: g.astype(bf16) for k, g in grads.items()}
             t_step = time.perf_counter()
             opt.step(grads)
             step_s += time.perf_counter() - t_step
+            if weights is not model.params:
+                for k, w in weights.items():
+                    model.params[k][...] = w  # exact: every bfloat16 is a float32
             batch_losses.append(loss)
             if bar is not None:
                 bar.update(1)
@@ -236,7 +264,7 @@ def train_one(model_name: str, opt_name: str, data: Data, orders: list[Array], c
         "curve": curve, "batch_losses": batch_losses,
         "native_step_us": None, "reference_step_us": None, "reference_max_abs_diff": None,
     }
-    if OPTIMIZERS[opt_name][0] != "SGD" and config.reference_steps:
+    if OPTIMIZERS[opt_name][0] != "SGD" and bf16 is None and config.reference_steps:
         t_native, t_ref, diff = time_adam_step(opt_name, model.params, grads, lr, config.reference_steps)
         result.update(native_step_us=t_native * 1e6, reference_step_us=t_ref * 1e6, reference_max_abs_diff=diff)
     return result
@@ -299,7 +327,7 @@ def plot_curves(results: list[dict[str, Any]], path: str, target_loss: float | N
     Figure = require_extra("matplotlib.figure", "the loss-curve figure (--no-plot runs without it)").Figure
 
     models = list(dict.fromkeys(r["model"] for r in results))
-    fig = Figure(figsize=(4.6 * len(models), 5.2), layout="constrained")
+    fig = Figure(figsize=(6.0 * len(models), 6.0), layout="constrained")
     axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
     for ax, model in zip(axes, models):
         for i, r in enumerate(r for r in results if r["model"] == model):
@@ -313,7 +341,7 @@ def plot_curves(results: list[dict[str, Any]], path: str, target_loss: float | N
         ax.grid(True, which="both", alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
         # Below the panel, so it never hides the curves.
-        ax.legend(fontsize="small", title="optimizer (lr, test acc)", title_fontsize="small",
+        ax.legend(fontsize="x-small", title="optimizer (lr, test acc)", title_fontsize="small",
                   loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     axes[0].set_ylabel("train loss (cross-entropy)")
     fig.savefig(path, dpi=120)
