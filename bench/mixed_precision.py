@@ -17,6 +17,8 @@ Cases (2 threads each side, interleaved rounds, medians; docs/performance.md, "M
   bf16 params (its states are bf16 too).
 * ``norm``: the global-norm pass alone (an inf gradient makes the step skip after it),
   fp32 and bf16 gradients, against the offload step's Adam pass on the same size.
+* ``modes``: every mode of ``fastadam.AdamW`` on one tensor, its bytes per element and
+  GB/s, and its time against the plain fp32 step's in the same rounds (MODES below).
 
     python bench/mixed_precision.py                     # every case (offload holds ~5 GB)
     python bench/mixed_precision.py --cases all-bf16 --sizes 1e6,5e7 --rounds 21
@@ -47,7 +49,23 @@ from cases import gpt2_small_shapes  # noqa: E402
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LR, WEIGHT_DECAY, GRAD_SCALE, MAX_GRAD_NORM = 1e-4, 0.01, 1024.0, 1.0
 # Bytes each pass moves per element (reads + writes, no write-allocate), fastadam's modes.
-BYTES = {"offload": 2 + 28, "bf16-states": 20, "all-bf16": 14, "norm": 2}
+BYTES = {"offload": 2 + 28, "bf16-states": 20, "all-bf16": 14, "norm": 2, "modes": 0}
+# --cases modes: name -> (param, grad dtype, AdamW keywords, step keywords, bytes per element:
+# reads + writes of the Adam pass, plus the norm pass's read of the gradients when it runs).
+MODES: dict[str, tuple[str, str, dict[str, object], dict[str, object], int]] = {
+    "fp32": ("f32", "f32", {}, {}, 16 + 12),
+    "fp32, bf16 grads": ("f32", "bf16", {}, {}, 14 + 12),
+    "fp32, bf16 states": ("f32", "f32", {"state_dtype": BF16}, {}, 12 + 8),
+    "fp32, bf16 out (params_out)": ("f32", "f32", {}, {"out": True}, 16 + 14),
+    "bf16 params, fp32 states": ("bf16", "bf16", {}, {}, 12 + 10),
+    "bf16 params, stochastic rounding": ("bf16", "bf16", {"stochastic_rounding": True}, {}, 12 + 10),
+    "all bf16": ("bf16", "bf16", {"state_dtype": BF16}, {}, 8 + 6),
+    "bf16 master weights": ("bf16", "bf16", {"master_weights": True}, {}, 14 + 14),
+    "master + grad_scale + max_grad_norm": ("bf16", "bf16", {"master_weights": True, "max_grad_norm": 1.0},
+                                            {"grad_scale": GRAD_SCALE}, 2 + 14 + 14),
+    "fp16 master weights": ("f16", "f16", {"master_weights": True}, {}, 14 + 14),
+    "all fp16": ("f16", "f16", {"state_dtype": np.float16}, {}, 8 + 6),
+}
 
 Step = Callable[[], object]
 
@@ -144,6 +162,29 @@ def norm_contenders(n: int) -> dict[str, Step]:
     return out
 
 
+def mode_contenders(n: int) -> tuple[dict[str, Step], dict[str, int]]:
+    """fastadam.AdamW in every mode of MODES on one tensor of n elements."""
+    ((p0, g0),) = _data([(n,)])
+    dtypes = {"f32": np.dtype(np.float32), "bf16": BF16, "f16": np.dtype(np.float16)}
+    out: dict[str, Step] = {}
+    for name, (param_kind, grad_kind, opt_kw, step_kw, _) in MODES.items():
+        param, grad = p0.astype(dtypes[param_kind]), (g0 * np.float32(GRAD_SCALE if "grad_scale" in step_kw else 1)).astype(dtypes[grad_kind])
+        opt = fastadam.AdamW([param], lr=LR, weight_decay=WEIGHT_DECAY, **opt_kw)  # type: ignore[arg-type]
+        outs = [np.zeros(n, BF16)] if step_kw.get("out") else None
+        kw = {k: v for k, v in step_kw.items() if k != "out"}
+        out["fastadam" if name == "fp32" else name] = lambda o=opt, g=grad, outs=outs, kw=kw: o.step([g], params_out=outs, **kw)
+    return out, {("fastadam" if k == "fp32" else k): v[4] for k, v in MODES.items()}
+
+
+def report_modes(n: int, medians: dict[str, float], nbytes: dict[str, int]) -> None:
+    fp32 = medians["fastadam"]
+    print(f"\nmodes of fastadam.AdamW, one tensor of {n:,} elements, medians")
+    print("| mode | bytes/element | ms | GB/s | time vs fp32 |")
+    print("|---|---|---|---|---|")
+    for name, t in medians.items():
+        print(f"| {'fp32' if name == 'fastadam' else name} | {nbytes[name]} | {t * 1e3:.2f} | {n * nbytes[name] / t / 1e9:.1f} | {t / fp32:.2f} |")
+
+
 def measure(contenders: dict[str, Step], rounds: int) -> dict[str, float]:
     """Median seconds per step, contenders interleaved in every round after two warm-up steps each."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -170,7 +211,7 @@ def report(title: str, elements: int, medians: dict[str, float], bytes_per_eleme
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="offload,bf16-states,all-bf16", help="also: norm")
+    ap.add_argument("--cases", default="offload,bf16-states,all-bf16", help="also: norm, modes")
     ap.add_argument("--sizes", default="1e6,5e7", help="single-tensor sizes (default 1e6,5e7)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
@@ -193,6 +234,10 @@ def main() -> int:
         for size in args.sizes.split(","):
             n = int(float(size))
             rounds = max(args.rounds, int(args.rounds * 1e7 / n))  # small steps: more rounds, about the same time
+            if case == "modes":
+                contenders, nbytes = mode_contenders(n)
+                report_modes(n, measure(contenders, rounds), nbytes)
+                continue
             contenders = norm_contenders(n) if case == "norm" else single_contenders(case, n)
             title = "norm pass alone (fastadam: bf16 gradients)" if case == "norm" else f"{case}, one tensor"
             report(title, n, measure(contenders, rounds), BYTES[case])

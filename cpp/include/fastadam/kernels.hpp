@@ -473,6 +473,7 @@ inline bool adam_fused_segment(const AdamMixedTensor& t, const AdamScalars<float
         return t.param_dtype == param && t.grad_dtype == grad && t.state_dtype == state && out == param_out;
     };
     if (is(f32, bf16, f32, true)) adam_fused<float, Bf16, float, Bf16>(t, s, begin, end);
+    else if (is(f32, bf16, f32, false)) adam_fused<float, Bf16, float, NoOut>(t, s, begin, end);
     else if (is(f32, bf16, bf16, true)) adam_fused<float, Bf16, Bf16, Bf16>(t, s, begin, end);
     else if (is(f32, f32, f32, true)) adam_fused<float, float, float, Bf16>(t, s, begin, end);
     else if (is(f32, f32, f32, false)) adam_fused<float, float, float, NoOut>(t, s, begin, end);
