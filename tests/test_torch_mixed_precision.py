@@ -198,3 +198,53 @@ def test_bad_mixed_settings_raise_before_anything_changes():
     w.grad = torch.ones(4)
     opt.step()
     assert float(opt.state[b]["step"]) == 1 and not torch.equal(b, before)
+
+
+def test_kept_views_follow_changes_between_steps():
+    # The adapter keeps its views from step to step; every change between steps must reach
+    # the kernel as it does when they are rebuilt for every step (the twin below).
+    def run(rebuild_every_step):
+        m = model(torch.bfloat16)
+        params = list(m.parameters())
+        opt = ft.AdamW(m.parameters(), lr=1e-2, master_weights=True)
+        for t, (x, y) in enumerate(batches(torch.bfloat16, 8)):
+            backward(m, x, y)
+            if t == 2:
+                params[1].grad = None  # one param sits out a step
+            if t == 3:
+                opt.state[params[0]]["exp_avg"] = torch.zeros_like(opt.state[params[0]]["exp_avg"])  # state replaced
+            if t == 4:
+                params[2].data = params[2].data.clone()  # new memory for a param
+            if t == 5:
+                opt.param_groups[0]["lr"] = 3e-3
+            if rebuild_every_step:
+                opt._mixed_plan = None
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+
+    kept, opt = run(False)
+    rebuilt, _ = run(True)
+    for a, b in zip(kept, rebuilt):
+        assert torch.equal(a, b)
+    p0 = next(iter(opt.state))
+    assert float(opt.state[p0]["step"]) == 8
+
+
+def test_a_bad_gradient_after_kept_steps_is_named_and_changes_nothing():
+    m = model(torch.bfloat16)
+    opt = ft.AdamW(m.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    (x, y), = batches(torch.bfloat16, 1)
+    backward(m, x, y)
+    opt.step()
+    opt.step()
+    params = list(m.parameters())
+    before = [p.detach().clone() for p in params]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    params[2].grad = torch.ones(params[2].shape[::-1], dtype=torch.bfloat16).t()  # not contiguous
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\].* is not contiguous"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    for p in params:
+        for key, value in state[id(p)].items():
+            assert torch.equal(opt.state[p][key], value)

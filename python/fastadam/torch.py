@@ -335,6 +335,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
         self._epoch = [0]
         self._guard = StepGuard(self._step_name)
         self._half = False  # a param is bfloat16/float16: steps take the mixed path
+        self._mixed_plan: Any = None  # Adam's kept views for mixed steps
         self.last_grad_norm: float | None = None  # the global gradient norm of the last mixed step
         self.last_step_skipped = False  # the last step met inf/NaN (or GradScaler's found_inf): nothing written
         super().__init__(params, defaults)
@@ -431,6 +432,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
             raise
         self._half = self._half or any(p.dtype in _HALF for p in group["params"])
         self._plan = None
+        self._mixed_plan = None
 
     def _check_precision(self, group: Mapping[str, Any], where: str) -> None:
         """Adam checks its mixed-precision keys against the group's params; SGD has none."""
@@ -664,6 +666,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
         self._plan_epoch = -1
         self._guard = StepGuard(self._step_name)
         self._half = any(p.dtype in _HALF for g in self.param_groups for p in g["params"])
+        self._mixed_plan = None
         self.last_grad_norm = None
         self.last_step_skipped = False
 
@@ -842,14 +845,69 @@ class Adam(_NativeOptimizer):
 
     def _mixed_step(self) -> None:
         """Mixed precision (docs/design.md): bf16/fp16 params, fp32 masters, states of
-        ``state_dtype``, GradScaler's grad_scale/found_inf, max_grad_norm; one native call."""
+        ``state_dtype``, GradScaler's grad_scale/found_inf, max_grad_norm; one native call.
+
+        The NumPy views of params and state are kept from step to step (``_MixedPlan``)
+        while the state, the groups' params and their memory stay; a step then only takes
+        views of the gradients."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        plan = self._mixed_plan
+        grads = None if plan is None or plan.epoch != self._epoch[0] else plan.grads(self.param_groups)
+        if grads is None:
+            self._mixed_plan = plan = None
+            self._mixed_validate()  # every error before anything changes
+            has_float64 = any(p.dtype == torch.float64 and p.grad is not None for g in self.param_groups for p in g["params"])
+        else:
+            has_float64 = plan.has_float64
+        if grad_scale is not None and has_float64:
+            # The kernel unscales in float32 arithmetic only: unscale in place as GradScaler.unscale_ does.
+            found = torch.zeros(1) if found_inf is None else found_inf.clone()
+            tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, (1.0 / grad_scale.double()).float().reshape(1))
+            found_inf, grad_scale = found, None
+        if found_inf is not None and float(found_inf) != 0.0:
+            self.last_step_skipped = True  # GradScaler found inf/NaN: torch's fused Adam skips the step
+            self.last_grad_norm = None
+            return
+        created = Rollback()
+        marker: list[float] | None = None  # the first count before the call: it changes once the step happened
+        try:
+            if plan is None:
+                plan = self._build_mixed_plan(created)
+                grads = plan.grads(self.param_groups)
+                if grads is None:
+                    raise RuntimeError(f"{self._step_name}: internal error: a mixed plan built for this step found it stale")
+            assert grads is not None
+            if _increment_version is not None and plan.tensors:
+                _increment_version(plan.tensors)  # before, as torch_step does
+            marker = [float(c) for c in plan.counts[:1]]
+            try:
+                norm = _core._adam_step_groups(
+                    self._step_name, plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.maxes, plan.outs, plan.counts,
+                    plan.indices, plan.group_index, self.param_groups, None if grad_scale is None else float(grad_scale),
+                    self.defaults.get("max_grad_norm"), plan.seeds,
+                )
+            except (TypeError, ValueError):
+                self._mixed_validate()  # torch's names for a bad tensor; else the kernel's error
+                raise
+        except BaseException:
+            if created and (marker is None or plan is None or [float(c) for c in plan.counts[:1]] == marker):
+                created.run()  # the step did not happen
+            self._mixed_plan = None
+            raise
+        self._mixed_plan = plan
+        skipped = norm is not None and not np.isfinite(norm)
+        if skipped and created:
+            created.run()
+            self._mixed_plan = None
+        self.last_grad_norm = norm
+        self.last_step_skipped = skipped
+
+    def _mixed_validate(self) -> None:
+        """Every param, gradient, state tensor and group of a mixed step, with torch's names."""
         name = self._step_name
         cls = type(self).__name__
-        tensors: list[torch.Tensor] = []
-        labels: list[str] = []
-        group_index: list[int] = []
-        seeds: list[int | None] = []
-        flat = 0
         for g, group in enumerate(self.param_groups):
             where = f"{cls}.step(): param_groups[{g}]"
             self._check_group(group, f"fastadam.torch.{where}", where)
@@ -859,83 +917,98 @@ class Adam(_NativeOptimizer):
                 if not _ok(p, _ANY_FLOAT):
                     raise _tensor_error(p, f"{name}: {label}", self._torch_name, half_ok=True)
                 grad = p.grad
-                if grad is not None:
-                    if not (_ok(grad, _ANY_FLOAT) and grad.dtype == p.dtype and grad.shape == p.shape):
-                        raise _grad_error(name, self._torch_name, p, label, grad, half_ok=True)
-                    tensors.append(p)
-                    labels.append(label)
-                    group_index.append(g)
-                    seeds.append(flat if group.get("stochastic_rounding") else None)
-                flat += 1
-        found_inf = getattr(self, "found_inf", None)
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None and any(p.dtype == torch.float64 for p in tensors):
-            # The kernel unscales float32 arithmetic only: unscale in place as GradScaler.unscale_ does.
-            found = torch.zeros(1) if found_inf is None else found_inf.clone()
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                [p.grad for p in tensors], found, (1.0 / grad_scale.double()).float().reshape(1)
-            )
-            found_inf, grad_scale = found, None
-        if found_inf is not None and float(found_inf) != 0.0:
-            self.last_step_skipped = True  # GradScaler found inf/NaN: torch's fused Adam skips the step
-            self.last_grad_norm = None
-            return
-        created = Rollback()
-        counts: list[np.ndarray] = []
-        marker: list[float] | None = None  # the first count before the call: changed once the step happened
-        try:
-            for p, g in zip(tensors, group_index):
-                group = self.param_groups[g]
-                if p not in self.state:
-                    created.add(functools.partial(dict.pop, self.state, p, None))
-                entry = self.state[p]
-                wanted = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-                wanted += ["master_param"] if group.get("master_weights") else []
-                for key in wanted:
-                    if entry.get(key) is not None:
-                        continue
-                    if key == "step":
-                        value = torch.tensor(0.0, dtype=_scalar_dtype())
-                    elif key == "master_param":
-                        value = p.detach().to(torch.float32, copy=True)  # exact widening
-                    else:
-                        value = torch.zeros(p.shape, dtype=self._state_dtype(group, p))
-                    created.add(functools.partial(dict.pop, entry, key, None))
-                    entry[key] = value
-            params, grads, exp_avgs, exp_avg_sqs, maxes, outs = [], [], [], [], [], []
-            for p, g, label in zip(tensors, group_index, labels):
-                group = self.param_groups[g]
-                entry = self.state[p]
+                if grad is not None and not (_ok(grad, _ANY_FLOAT) and grad.dtype == p.dtype and grad.shape == p.shape):
+                    raise _grad_error(name, self._torch_name, p, label, grad, half_ok=True)
+                entry = self.state.get(p) or {}
                 for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
                     if entry.get(key) is not None and not _ok(entry[key], _ANY_FLOAT):
                         raise _tensor_error(entry[key], f"{name}: state[{key!r}] of {label}", self._torch_name, half_ok=True)
-                master = entry.get("master_param") if group.get("master_weights") else None
-                params.append(_numpy(p) if master is None else _numpy(master))
-                outs.append(_numpy(p) if master is not None else None)
-                grads.append(_numpy(p.grad))  # type: ignore[arg-type]
-                exp_avgs.append(_numpy(entry["exp_avg"]))
-                exp_avg_sqs.append(_numpy(entry["exp_avg_sq"]))
-                maxes.append(_numpy(entry["max_exp_avg_sq"]) if group["amsgrad"] else None)
-                step = self._step_array(entry, label)
-                assert step is not None
-                counts.append(step)
-            if _increment_version is not None and tensors:
-                _increment_version(tuple(tensors))  # before, as torch_step does
-            marker = [float(c) for c in counts[:1]]
-            norm = _core._adam_step_groups(
-                name, params, grads, exp_avgs, exp_avg_sqs, maxes, outs, counts, list(range(len(tensors))),
-                group_index, self.param_groups, None if grad_scale is None else float(grad_scale),
-                self.defaults.get("max_grad_norm"), seeds if any(x is not None for x in seeds) else None,
-            )
-        except BaseException:
-            if created and (marker is None or [float(c) for c in counts[:1]] == marker):
-                created.run()  # the step did not happen
-            raise
-        skipped = norm is not None and not np.isfinite(norm)
-        if skipped and created:
-            created.run()
-        self.last_grad_norm = norm
-        self.last_step_skipped = skipped
+
+    def _build_mixed_plan(self, created: Rollback) -> _MixedPlan:
+        """Creates the missing state of the params with a gradient (undone by ``created``)
+        and the views of this step's tensors."""
+        plan = _MixedPlan(self.param_groups)
+        for p, g, label in zip(plan.tensors, plan.group_index, plan.labels):
+            group = self.param_groups[g]
+            if p not in self.state:
+                created.add(functools.partial(dict.pop, self.state, p, None))
+            entry = self.state[p]
+            wanted = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+            wanted += ["master_param"] if group.get("master_weights") else []
+            for key in wanted:
+                if entry.get(key) is not None:
+                    continue
+                if key == "step":
+                    value = torch.tensor(0.0, dtype=_scalar_dtype())
+                elif key == "master_param":
+                    value = p.detach().to(torch.float32, copy=True)  # exact widening
+                else:
+                    value = torch.zeros(p.shape, dtype=self._state_dtype(group, p))
+                created.add(functools.partial(dict.pop, entry, key, None))
+                entry[key] = value
+            master = entry.get("master_param") if group.get("master_weights") else None
+            plan.params.append(_numpy(p) if master is None else _numpy(master))
+            plan.outs.append(_numpy(p) if master is not None else None)
+            plan.exp_avgs.append(_numpy(entry["exp_avg"]))
+            plan.exp_avg_sqs.append(_numpy(entry["exp_avg_sq"]))
+            plan.maxes.append(_numpy(entry["max_exp_avg_sq"]) if group["amsgrad"] else None)
+            step = self._step_array(entry, label)
+            assert step is not None
+            plan.counts.append(step)
+        plan.epoch = self._epoch[0]  # after the state it created
+        return plan
+
+
+class _MixedPlan:
+    """The views of one mixed-precision step (``Adam._mixed_step``), kept while they hold:
+    the same params (by identity, memory and dtype) with a gradient, the same state."""
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self.epoch = -1
+        self.flat: list[torch.Tensor] = []
+        self.stepped: list[bool] = []
+        self.tensors_list: list[torch.Tensor] = []
+        self.labels: list[str] = []
+        self.group_index: list[int] = []
+        seeds: list[int | None] = []
+        for g, group in enumerate(groups):
+            for i, p in enumerate(group["params"]):
+                self.flat.append(p)
+                self.stepped.append(p.grad is not None)
+                if p.grad is not None:
+                    self.tensors_list.append(p)
+                    self.labels.append(f"param_groups[{g}]['params'][{i}]")
+                    self.group_index.append(g)
+                    seeds.append(len(self.flat) - 1 if group.get("stochastic_rounding") else None)
+        self.tensors = tuple(self.tensors_list)
+        self.seeds = seeds if any(x is not None for x in seeds) else None
+        self.keys = [(p.data_ptr(), p.dtype) for p in self.tensors]
+        self.modes = [(g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"), g.get("amsgrad")) for g in groups]
+        self.has_float64 = any(p.dtype == torch.float64 for p in self.tensors)
+        self.indices = list(range(len(self.tensors)))
+        self.params: list[np.ndarray] = []
+        self.outs: list[np.ndarray | None] = []
+        self.exp_avgs: list[np.ndarray] = []
+        self.exp_avg_sqs: list[np.ndarray] = []
+        self.maxes: list[np.ndarray | None] = []
+        self.counts: list[np.ndarray] = []
+
+    def grads(self, groups: list[dict[str, Any]]) -> list[np.ndarray] | None:
+        """This step's gradient views, or None where the plan no longer holds (or a gradient
+        is no plain CPU tensor: the slow path names it)."""
+        flat = [p for group in groups for p in group["params"]]
+        if len(flat) != len(self.flat) or any(a is not b for a, b in zip(flat, self.flat)):
+            return None
+        if [p.grad is not None for p in flat] != self.stepped:
+            return None
+        if [(p.data_ptr(), p.dtype) for p in self.tensors] != self.keys:
+            return None
+        if [(g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"), g.get("amsgrad")) for g in groups] != self.modes:
+            return None
+        try:
+            return [_numpy(p.grad) for p in self.tensors]  # type: ignore[arg-type]
+        except (TypeError, RuntimeError):  # not on the CPU, sparse, a negative view: the slow path says so
+            return None
 
 
 class AdamW(Adam):
