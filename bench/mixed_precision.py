@@ -19,6 +19,11 @@ Cases (2 threads each side, interleaved rounds, medians; docs/performance.md, "M
   fp32 and bf16 gradients, against the offload step's Adam pass on the same size.
 * ``modes``: every mode of ``fastadam.AdamW`` on one tensor, its bytes per element and
   GB/s, and its time against the plain fp32 step's in the same rounds (MODES below).
+* ``optimizers``: the cost of the optimizer classes around the kernel, on GPT-2 small's
+  shapes and on 1000 tensors of 1000 elements: bf16 params with fp32 master weights and
+  max_grad_norm through ``adam_step_multi``, ``fastadam.AdamW`` and
+  ``fastadam.torch.AdamW``; and ``fastadam.torch.AdamW`` on a bf16 model (bf16 states, as
+  torch) against ``torch.optim.AdamW(fused=True)``.
 
     python bench/mixed_precision.py                     # every case (offload holds ~5 GB)
     python bench/mixed_precision.py --cases all-bf16 --sizes 1e6,5e7 --rounds 21
@@ -49,7 +54,7 @@ from cases import gpt2_small_shapes  # noqa: E402
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LR, WEIGHT_DECAY, GRAD_SCALE, MAX_GRAD_NORM = 1e-4, 0.01, 1024.0, 1.0
 # Bytes each pass moves per element (reads + writes, no write-allocate), fastadam's modes.
-BYTES = {"offload": 2 + 28, "bf16-states": 20, "all-bf16": 14, "norm": 2, "modes": 0}
+BYTES = {"offload": 2 + 28, "bf16-states": 20, "all-bf16": 14, "norm": 2, "modes": 0, "optimizers": 0}
 # --cases modes: name -> (param, grad dtype, AdamW keywords, step keywords, bytes per element:
 # reads + writes of the Adam pass, plus the norm pass's read of the gradients when it runs).
 MODES: dict[str, tuple[str, str, dict[str, object], dict[str, object], int]] = {
@@ -185,6 +190,41 @@ def report_modes(n: int, medians: dict[str, float], nbytes: dict[str, int]) -> N
         print(f"| {'fp32' if name == 'fastadam' else name} | {nbytes[name]} | {t * 1e3:.2f} | {n * nbytes[name] / t / 1e9:.1f} | {t / fp32:.2f} |")
 
 
+def optimizer_contenders(shapes: list[tuple[int, ...]]) -> tuple[dict[str, Step], dict[str, Step]]:
+    """(master weights through the functional call and both optimizer classes; a bf16 model
+    through fastadam.torch.AdamW and torch's fused AdamW)."""
+    data = _data(shapes)
+    model = [p.astype(BF16) for p, _ in data]
+    grads = [g.astype(BF16) for _, g in data]
+    masters = [m.astype(np.float32) for m in model]
+    exp_avgs, exp_avg_sqs = [np.zeros_like(m) for m in masters], [np.zeros_like(m) for m in masters]
+    copies = [m.copy() for m in model]
+    count = [0]
+
+    def functional() -> object:
+        count[0] += 1
+        return fastadam.adam_step_multi(masters, grads, exp_avgs, exp_avg_sqs, steps=count[0], lr=LR, weight_decay=WEIGHT_DECAY,
+                                        decoupled_weight_decay=True, params_out=copies, max_grad_norm=MAX_GRAD_NORM)  # fmt: skip
+
+    numpy_opt = fastadam.AdamW([m.copy() for m in model], lr=LR, weight_decay=WEIGHT_DECAY, master_weights=True,
+                               max_grad_norm=MAX_GRAD_NORM)  # fmt: skip
+    import fastadam.torch as ft
+
+    def tensors() -> list[torch.nn.Parameter]:
+        out = []
+        for m, g in zip(model, grads):
+            p = torch.nn.Parameter(torch.from_numpy(m.view(np.int16).copy()).view(torch.bfloat16))
+            p.grad = torch.from_numpy(g.view(np.int16).copy()).view(torch.bfloat16)
+            out.append(p)
+        return out
+
+    torch_master = ft.AdamW(tensors(), lr=LR, weight_decay=WEIGHT_DECAY, master_weights=True, max_grad_norm=MAX_GRAD_NORM)
+    masters_case = {"fastadam": functional, "fastadam.AdamW": lambda: numpy_opt.step(grads), "fastadam.torch.AdamW": torch_master.step}
+    bf16_model = ft.AdamW(tensors(), lr=LR, weight_decay=WEIGHT_DECAY)
+    torch_fused = torch.optim.AdamW(tensors(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    return masters_case, {"fastadam": bf16_model.step, "torch fused bf16": torch_fused.step}
+
+
 def measure(contenders: dict[str, Step], rounds: int) -> dict[str, float]:
     """Median seconds per step, contenders interleaved in every round after two warm-up steps each."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -211,7 +251,7 @@ def report(title: str, elements: int, medians: dict[str, float], bytes_per_eleme
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="offload,bf16-states,all-bf16", help="also: norm, modes")
+    ap.add_argument("--cases", default="offload,bf16-states,all-bf16", help="also: norm, modes, optimizers")
     ap.add_argument("--sizes", default="1e6,5e7", help="single-tensor sizes (default 1e6,5e7)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
@@ -225,6 +265,16 @@ def main() -> int:
     fastadam.set_num_threads(args.threads)
     print(f"fastadam {fastadam.__version__}, ISA {fastadam.get_isa()}, torch {torch.__version__}, {args.threads} threads")
     for case in cases:
+        if case == "optimizers":
+            for title, shapes in (("GPT-2 small", gpt2_small_shapes()), ("1000 x 1000", [(1000,)] * 1000)):
+                masters_case, model_case = optimizer_contenders(shapes)
+                rounds = args.rounds if title.startswith("GPT") else args.rounds * 5
+                n = sum(int(np.prod(s)) for s in shapes)
+                report(f"bf16 params + fp32 master weights + max_grad_norm, {title} ({len(shapes)} tensors); "
+                       "fastadam = adam_step_multi", n, measure(masters_case, rounds), 30)  # fmt: skip
+                report(f"bf16 model, bf16 states, {title}; fastadam = fastadam.torch.AdamW", n, measure(model_case, rounds), 14)
+                del masters_case, model_case
+            continue
         if case == "offload":
             shapes = gpt2_small_shapes()
             contenders = offload_contenders(shapes, args.deepspeed)
