@@ -273,9 +273,9 @@ def test_bad_step_arguments_change_nothing(case, warm):
     snap = _snapshot(opt, [w, b])
     grads, kw = list(good), {}
     if case == "out-f32":
-        kw, exc, match = {"params_out": [np.zeros(w.shape, np.float32), None]}, TypeError, r"params_out\[0\]"
+        kw, exc, match = {"params_out": [np.zeros(w.shape, np.float32), None]}, TypeError, r"param_out of params\[0\] has dtype float32"
     elif case == "out-shape":
-        kw, exc, match = {"params_out": [np.zeros((4, 6), bf16), None]}, ValueError, r"params_out\[0\] has shape"
+        kw, exc, match = {"params_out": [np.zeros((4, 6), bf16), None]}, ValueError, r"param_out of params\[0\] has shape"
     elif case == "out-overlaps-param":
         overlapping = w.reshape(-1).view(bf16)[: w.size].reshape(w.shape)  # the first half of w's bytes
         kw, exc, match = {"params_out": [overlapping, None]}, ValueError, r"share memory"
@@ -287,10 +287,10 @@ def test_bad_step_arguments_change_nothing(case, warm):
         kw, exc, match = {"grad_scale": float("nan")}, ValueError, "grad_scale must be a finite number > 0"
     elif case == "grad-f64":
         grads[1] = grads[1].astype(np.float64)
-        exc, match = TypeError, r"grads\[1\] has dtype float64"
+        exc, match = TypeError, r"the gradient of params\[1\] has dtype float64"
     else:
         grads[1] = np.zeros(5, bf16)
-        exc, match = ValueError, r"grads\[1\] has shape"
+        exc, match = ValueError, r"the gradient of params\[1\] .*has shape"
     with pytest.raises(exc, match=match):
         opt.step(grads, **kw)
     _unchanged(opt, [w, b], snap)
@@ -300,3 +300,38 @@ def test_sgd_takes_no_grad_scale():
     p = np.ones(3, np.float32)
     with pytest.raises(TypeError, match="SGD takes neither"):
         fastadam.SGD([p], lr=0.1).step([np.ones(3, np.float32)], grad_scale=2.0)
+
+
+def test_errors_name_the_users_params_not_the_kernels_list():
+    ps = [np.ones(4, bf16), np.ones(4, bf16), np.ones(3, bf16)]
+    with pytest.raises(ValueError, match=r"the gradient of params\[2\] has shape \(4,\) but params\[2\] has shape \(3,\)"):
+        fastadam.AdamW(ps).step([None, None, np.ones(4, bf16)])
+    p = np.ones(4, bf16)
+    opt = fastadam.AdamW([p], master_weights=True)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\] \(bfloat16, with float32 master weights\) is read-only"):
+        opt.step([np.ones(4, bf16)])
+    with pytest.raises(TypeError, match="float64; max_grad_norm works on float32"):
+        fastadam.AdamW([np.ones(4)], max_grad_norm=1.0)
+
+
+def test_switching_master_weights_off_and_on_goes_on_from_the_param():
+    p = np.ones(4, bf16)
+    opt = fastadam.AdamW([p], lr=0.1, master_weights=True, weight_decay=0.0)
+    g = np.ones(4, bf16)
+    opt.step([g])
+    opt.param_groups[0]["master_weights"] = False
+    for _ in range(3):
+        opt.step([g])
+    assert "master_param" not in opt.state[0]
+    value = float(p[0])
+    opt.param_groups[0]["master_weights"] = True
+    opt.step([g])
+    assert abs(float(p[0]) - value) < 0.2
+    saved = opt.state_dict()
+    other = fastadam.AdamW([p.copy()], lr=0.1)
+    other.load_state_dict(saved)  # the saved group's master_weights=True comes with it
+    assert other.param_groups[0]["master_weights"] and other.state[0]["master_param"].dtype == np.float32
+    saved["param_groups"][0]["master_weights"] = False
+    with pytest.raises(ValueError, match="has a master_param but its group has master_weights=False"):
+        fastadam.AdamW([p.copy()], lr=0.1).load_state_dict(saved)

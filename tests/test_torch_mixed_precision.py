@@ -248,3 +248,66 @@ def test_a_bad_gradient_after_kept_steps_is_named_and_changes_nothing():
     for p in params:
         for key, value in state[id(p)].items():
             assert torch.equal(opt.state[p][key], value)
+
+
+def test_a_gradient_of_another_dtype_is_refused_with_a_kept_plan_too():
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = ft.AdamW([p], lr=0.1, master_weights=True)
+    p.grad = torch.ones(8, dtype=torch.bfloat16)
+    opt.step()
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None  # torch >= 2.9 lets a gradient of another dtype be assigned
+    try:
+        p.grad = torch.ones(8, dtype=torch.float32)
+    except RuntimeError:
+        pytest.skip("this torch refuses a gradient of another dtype on assignment")
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match="has dtype torch.float32, the parameter torch.bfloat16"):
+        opt.step()
+    assert torch.equal(p, before) and float(opt.state[p]["step"]) == 1
+
+
+def test_max_grad_norm_is_the_optimizers_and_float64_is_refused_at_construction():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ft.AdamW([p], max_grad_norm=1.0)
+    assert opt.max_grad_norm == 1.0 and "max_grad_norm" not in opt.param_groups[0]
+    assert "max_grad_norm" not in opt.state_dict()["param_groups"][0]
+    with pytest.raises(ValueError, match="max_grad_norm is the optimizer's"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "max_grad_norm": 0.1})
+    with pytest.raises(TypeError, match="float64; max_grad_norm works on float32"):
+        ft.AdamW([torch.nn.Parameter(torch.ones(4, dtype=torch.float64))], max_grad_norm=1.0)
+
+
+def test_master_weights_follow_new_param_values_and_being_switched_off():
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = ft.AdamW([p], lr=0.1, master_weights=True, weight_decay=0.0)
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    p.data = torch.full((4,), 5.0, dtype=torch.bfloat16)  # new values from outside the optimizer
+    opt.step()
+    assert float(p.detach()[0]) > 4.5  # went on from 5, not back to the old master's 0.9
+    assert float(opt.state[p]["master_param"][0]) > 4.5
+    opt.param_groups[0]["master_weights"] = False
+    opt.step()
+    assert "master_param" not in opt.state[p]
+    value = float(p.detach()[0])
+    opt.param_groups[0]["master_weights"] = True
+    opt.step()
+    assert abs(float(p.detach()[0]) - value) < 0.2  # a new master from the param, not a stale copy
+
+
+def test_state_dicts_move_between_the_numpy_and_torch_optimizers_with_bf16_states():
+    import ml_dtypes
+
+    w = np.linspace(-1, 1, 12, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    opt = fastadam.AdamW([w], lr=1e-2, state_dtype=ml_dtypes.bfloat16)
+    opt.step([np.full(12, 0.5, ml_dtypes.bfloat16)])
+    p = torch.nn.Parameter(torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16))
+    topt = ft.AdamW([p], lr=1e-2, state_dtype=torch.bfloat16)
+    topt.load_state_dict(opt.state_dict())
+    assert topt.param_groups[0]["state_dtype"] == torch.bfloat16
+    assert same_bits(ft._numpy(topt.state[p]["exp_avg"]), opt.state[0]["exp_avg"])
+    back = fastadam.AdamW([w.copy()], lr=1e-2, state_dtype=ml_dtypes.bfloat16)
+    back.load_state_dict(topt.state_dict())
+    assert back.param_groups[0]["state_dtype"] == np.dtype(ml_dtypes.bfloat16)
+    assert same_bits(back.state[0]["exp_avg_sq"], opt.state[0]["exp_avg_sq"])

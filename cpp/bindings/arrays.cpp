@@ -168,10 +168,10 @@ void Footprint::overlap(const Range& a, const Range& b) const {
 // ----- tensors -------------------------------------------------------------------------
 
 void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
-                     Footprint& footprint, Buffer* out, bool mixed) {
-    const ArgName param_name{fn, slots[0], i, multi};
+                     Footprint& footprint, Buffer* out, bool mixed, const std::vector<std::string>* labels) {
+    const ArgName param_name{fn, slots[0], i, multi, labels};
     for (int k = 0; k < n; ++k) {
-        const ArgName arg{fn, slots[k], i, multi};
+        const ArgName arg{fn, slots[k], i, multi, labels};
         out[k] = check_array(handles[k], arg, slots[k] != kGrad, mixed);
         if (k > 0) check_same_shape(out[k], out[0], arg, param_name, mixed);
     }

@@ -122,7 +122,7 @@ private:
 // for dtype and shape; then grad; then written state), and records their memory.
 // With `mixed`, the dtypes may differ (bfloat16/float16 included) and the caller checks their pairing.
 void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle* handles, const Slot* slots, int n,
-                     Footprint& footprint, Buffer* out, bool mixed = false);
+                     Footprint& footprint, Buffer* out, bool mixed = false, const std::vector<std::string>* labels = nullptr);
 
 // An optional state buffer (max_exp_avg_sq, momentum_buffer): required exactly when
 // `needed`. Returns whether it takes part.

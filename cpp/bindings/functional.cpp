@@ -128,9 +128,10 @@ Storage storage_of(DType d) { return d == DType::bf16 ? Storage::bfloat16 : d ==
 
 // Mixed precision's dtype pairings (docs/design.md, "Mixed precision"): b = param, grad,
 // the `states` state arrays, then param_out when has_out.
-void check_adam_dtypes(const Buffer* b, int states, bool has_out, const char* fn, std::size_t i, bool multi) {
+void check_adam_dtypes(const Buffer* b, int states, bool has_out, const char* fn, std::size_t i, bool multi,
+                       const std::vector<std::string>* labels) {
     const DType p = b[0].dtype, g = b[1].dtype;
-    const auto name = [&](Slot slot) { return ArgName{fn, slot, i, multi}; };
+    const auto name = [&](Slot slot) { return ArgName{fn, slot, i, multi, labels}; };
     if (g != p && !(p == DType::f32 && is_narrow(g)))
         throw_type(name(kGrad).str() + " has dtype " + dtype_name(g) + " but " + name(kParam).bare() + " has dtype " + dtype_name(p) +
                    "; a gradient has its param's dtype, or is bfloat16/float16 for a float32 param (fp32 master weights)");
@@ -173,7 +174,10 @@ struct Batch {
     bool checks_grads = false;    // grad_scale or max_grad_norm: the norm pass runs, a non-finite gradient skips
     double max_grad_norm = 0.0;  // 0: no clipping
 
-    Batch(const char* fn, bool multi, std::size_t n) : fn(fn), multi(multi), footprint(fn, multi, (kArrays - 1) * n) {
+    const std::vector<std::string>* labels;  // the optimizers' names of the tensors, or nullptr
+
+    Batch(const char* fn, bool multi, std::size_t n, const std::vector<std::string>* labels = nullptr)
+        : fn(fn), multi(multi), footprint(fn, multi, (kArrays - 1) * n, labels), labels(labels) {
         tensors.f32.reserve(n);
     }
 
@@ -185,7 +189,7 @@ struct Batch {
         for (int k = 0; k < A::kStates; ++k) {
             slots[2 + k] = A::kStateSlots[k];
             const bool need = A::needs(*h, k);
-            if (A::optional(k)) check_optional(arrays[2 + k], need, ArgName{fn, A::kStateSlots[k], i, multi}, A::kOptionalWhen);
+            if (A::optional(k)) check_optional(arrays[2 + k], need, ArgName{fn, A::kStateSlots[k], i, multi, labels}, A::kOptionalWhen);
             used += need;  // the needed slots are a prefix (descriptors.hpp)
         }
         constexpr bool kAdam = std::is_same_v<A, Adam>;
@@ -199,14 +203,14 @@ struct Batch {
             ordered[used++] = arrays[2 + A::kStates];
         }
         Buffer b[kArrays];
-        validate_tensor(fn, i, multi, ordered, slots, used, footprint, b, kAdam);
+        validate_tensor(fn, i, multi, ordered, slots, used, footprint, b, kAdam, labels);
         char* state[A::kStates] = {};
         for (int k = 0; k < states; ++k) state[k] = b[2 + k].data;
         if constexpr (kAdam) {
-            check_adam_dtypes(b, states, has_out, fn, i, multi);
+            check_adam_dtypes(b, states, has_out, fn, i, multi, labels);
             const bool narrow = is_narrow(b[0].dtype) || b[1].dtype != b[0].dtype || is_narrow(b[2].dtype);
             if (checks_grads && b[0].dtype == DType::f64)
-                throw_type(ArgName{fn, kParam, i, multi}.str() +
+                throw_type(ArgName{fn, kParam, i, multi, labels}.str() +
                            " is float64; grad_scale and max_grad_norm work on float32, bfloat16 and float16 params");
             if (narrow || has_out || checks_grads) {
                 AdamMixedTensor& t = mixed.emplace_back();
@@ -359,12 +363,14 @@ public:
         }
     }
     std::size_t size() const { return refs_.size(); }
-    std::int64_t get(std::size_t i) const {
+    std::int64_t get(std::size_t i, const ArgName& name) const {
         const Ref& r = refs_[i];
-        if (r.type == 'q') return *reinterpret_cast<const std::int64_t*>(r.data);
-        const double v = r.type == 'f' ? *reinterpret_cast<const float*>(r.data) : *reinterpret_cast<const double*>(r.data);
-        if (!(v >= 0.0 && v < 9.0e15) || v != std::floor(v)) throw_value("step count " + std::to_string(v) + " is not a whole number >= 0");
-        return static_cast<std::int64_t>(v);
+        const double v = r.type == 'q' ? static_cast<double>(*reinterpret_cast<const std::int64_t*>(r.data))
+                         : r.type == 'f' ? *reinterpret_cast<const float*>(r.data)
+                                         : *reinterpret_cast<const double*>(r.data);
+        if (!(v >= 0.0 && v < 9.0e15) || v != std::floor(v))
+            throw_value(name.str() + " is " + py::repr(py::float_(v)).cast<std::string>() + "; a step count is a whole number >= 0");
+        return r.type == 'q' ? *reinterpret_cast<const std::int64_t*>(r.data) : static_cast<std::int64_t>(v);
     }
     void increment(std::size_t i) {
         const Ref& r = refs_[i];
@@ -382,7 +388,7 @@ private:
 };
 
 // _adam_step_groups(fn, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, params_out, counts,
-// indices, group_index, groups, grad_scale, max_grad_norm, rounding_seeds): the NumPy and
+// indices, group_index, groups, grad_scale, max_grad_norm, rounding_seeds, labels): the NumPy and
 // torch optimizers' mixed-precision step (optim.py), adam_step_multi with each tensor's
 // hyper-parameters read from its param group, its step count counts[indices[i]] + 1
 // (counted here when the step happens, so that no Python code runs between the writes
@@ -390,7 +396,7 @@ private:
 // tensor (None where absent). Returns as adam_step_multi.
 PyObject* adam_step_groups(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
     return guarded([&] {
-        if (nargs != 14 || kwnames || !PyUnicode_Check(args[0])) throw_type("_adam_step_groups() takes 14 positional arguments, the first a str");
+        if (nargs != 15 || kwnames || !PyUnicode_Check(args[0])) throw_type("_adam_step_groups() takes 15 positional arguments, the first a str");
         const std::string fn_name = py::cast<std::string>(args[0]);  // the optimizer's step, in errors
         const char* fn = fn_name.c_str();
         ++args;
@@ -400,13 +406,18 @@ PyObject* adam_step_groups(PyObject*, PyObject* const* args, Py_ssize_t nargs, P
         check_list(args[7], fn, "indices", n, true);
         check_list(args[8], fn, "group_index", n, true);
         StepCounts counts(args[6], fn, n);
+        std::vector<std::string> labels;  // args[13]: how the optimizer names tensor i in errors
+        if (args[13] != Py_None) {
+            check_list(args[13], fn, "labels", n, true, "str");
+            for (std::size_t i = 0; i < n; ++i) labels.push_back(py::cast<std::string>(item(args[13], i)));
+        }
         const std::size_t n_groups = check_list(args[9], fn, "groups", 0, false);
-        const py::handle seeds = args[12];
+        const py::handle seeds = args[12];  // args[13]: labels, read above
         if (!seeds.is_none()) check_list(seeds, fn, "rounding_seeds", n, true);
         std::vector<AdamHyperparams> hypers(n_groups);
         for (std::size_t g = 0; g < n_groups; ++g) hyper_from_group(hypers[g], item(args[9], g).ptr(), Where{fn, static_cast<std::ptrdiff_t>(g)});
         std::vector<std::size_t> index(n);
-        Batch<Adam> batch(fn, true, n);
+        Batch<Adam> batch(fn, true, n, labels.empty() && n > 0 ? nullptr : &labels);
         batch.set_grad_checks(args[10], args[11]);
         for (std::size_t i = 0; i < n; ++i) {
             const py::handle arrays[6] = {item(args[0], i), item(args[1], i), item(args[2], i),
@@ -415,11 +426,11 @@ PyObject* adam_step_groups(PyObject*, PyObject* const* args, Py_ssize_t nargs, P
             const auto g = py::cast<std::size_t>(item(args[8], i));
             if (index[i] >= counts.size() || g >= n_groups) throw_value(std::string(fn) + ": internal error: an index out of range");
             const std::size_t mixed_before = batch.mixed.size();
-            batch.add(i, arrays, counts.get(index[i]) + 1, &hypers[g]);
+            batch.add(i, arrays, counts.get(index[i], ArgName{fn, kStep, i, true, batch.labels}) + 1, &hypers[g]);
             const py::handle seed = seeds.is_none() ? seeds : item(seeds, i);
             if (!seed.is_none()) {
                 if (batch.mixed.size() == mixed_before || batch.mixed.back().param_dtype != Storage::bfloat16)
-                    throw_value(ArgName{fn, kParam, i, true}.str() + ": stochastic rounding is for bfloat16 params only");
+                    throw_value(ArgName{fn, kParam, i, true, batch.labels}.str() + ": stochastic rounding is for bfloat16 params only");
                 batch.mixed.back().stochastic_rounding = true;
                 batch.mixed.back().rounding_seed = py::cast<std::uint64_t>(seed);
             }

@@ -266,6 +266,13 @@ class Optimizer:
             start += size
         idx = [i for i, g in enumerate(grad_list) if g is not None]
         for i in idx:
+            if self.param_groups[group_of[i]].get("master_weights"):
+                grad = grad_list[i]
+                if isinstance(grad, np.ndarray) and grad.dtype.name not in ("bfloat16", "float16", "float32"):
+                    raise TypeError(
+                        f"{name}: the gradient of params[{i}] has dtype {grad.dtype}; a param with master weights "
+                        f"({self._params[i].dtype}) takes bfloat16, float16 or float32 gradients"
+                    )
             if outs is not None and outs[i] is not None and self.param_groups[group_of[i]].get("master_weights"):
                 raise ValueError(
                     f"{name}: params_out[{i}] is given for a param with master_weights=True, whose own array already "
@@ -277,17 +284,25 @@ class Optimizer:
         try:
             self._create_state(grad_list, needs, created)
             for i in idx:
-                if self.param_groups[group_of[i]].get("master_weights") and self._masters[i] is None:
+                wants_master = self.param_groups[group_of[i]].get("master_weights")
+                if wants_master and self._masters[i] is None:
                     created.add(functools.partial(self._masters.__setitem__, i, None))
                     self._masters[i] = self._params[i].astype(np.float32)  # exact widening
+                elif not wants_master and self._masters[i] is not None:
+                    # master_weights turned off: the param goes on from its own value, and a
+                    # later master starts from it, not from a stale copy
+                    created.add(functools.partial(self._masters.__setitem__, i, self._masters[i]))
+                    self._masters[i] = None
             max_sqs = self._buffers["max_exp_avg_sq"]
-            params, out_arrays, seeds = [], [], []
+            params, out_arrays, seeds, labels = [], [], [], []
             for i in idx:
                 group = self.param_groups[group_of[i]]
                 master = self._masters[i] if group.get("master_weights") else None
                 params.append(self._params[i] if master is None else master)
                 out_arrays.append(self._params[i] if master is not None else (outs[i] if outs is not None else None))
                 seeds.append(i if group.get("stochastic_rounding") else None)
+                label = f"params[{i}]" if self._names[i] is None else f"params[{self._names[i]!r}]"
+                labels.append(label if master is None else f"{label} ({self._params[i].dtype.name}, with float32 master weights)")
             norm = _core._adam_step_groups(
                 name,
                 params,
@@ -303,6 +318,7 @@ class Optimizer:
                 grad_scale,
                 self.max_grad_norm,
                 seeds if any(x is not None for x in seeds) else None,
+                labels,
             )
         except BaseException:
             if created and (not idx or int(self._steps[idx[0]]) == marker):  # the step did not happen
@@ -449,6 +465,8 @@ class Optimizer:
             updated.update({k: v for k, v in saved.items() if k != "params"})
             if "betas" in updated:
                 updated["betas"] = tuple(updated["betas"])
+            if updated.get("state_dtype") is not None:  # a torch dtype from fastadam.torch: NumPy's
+                updated["state_dtype"] = _state_dtype_of(updated["state_dtype"], name)
             check_group(self._algorithm, updated, name)
             new_groups.append(updated)
         group_of = [g for g, size in enumerate(self._group_sizes) for _ in range(size)]
@@ -471,7 +489,12 @@ class Optimizer:
                     if step < 0 or step != int(step):
                         raise ValueError(f"{name}: step of parameter {saved_index} must be a whole number >= 0, got {step}")
                     new_steps[i] = int(step)
-                elif key == "master_param" and new_groups[group_of[i]].get("master_weights"):
+                elif key == "master_param" and not new_groups[group_of[i]].get("master_weights"):
+                    raise ValueError(
+                        f"{name}: parameter {saved_index} has a master_param but its group has master_weights=False: "
+                        "build the optimizer with master_weights=True to load it (or drop the entry)"
+                    )
+                elif key == "master_param":
                     master = np.array(_to_numpy(value), dtype=np.float32)  # a copy: the optimizer's own
                     if master.shape != param.shape:
                         raise ValueError(f"{name}: master_param of parameter {saved_index} has shape {master.shape}, the parameter {param.shape}")
@@ -513,6 +536,12 @@ def _state_dtype_of(value: object, where: str) -> np.dtype[Any] | None:
     """``state_dtype`` as a NumPy dtype (None: the default); TypeError when it is not one."""
     if value is None:
         return None
+    if type(value).__module__ == "torch":  # a torch dtype, from a fastadam.torch state dict
+        value = str(value).removeprefix("torch.")
+        if value == "bfloat16":
+            import ml_dtypes
+
+            value = ml_dtypes.bfloat16
     try:
         dtype: np.dtype[Any] | None = np.dtype(value)  # type: ignore[call-overload]
     except TypeError:
@@ -593,8 +622,9 @@ class Adam(Optimizer):
             state_dtype=_state_dtype_of(state_dtype, name),
             stochastic_rounding=stochastic_rounding,
         )
+        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         super().__init__(params, defaults)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = self._max_grad_norm
 
     def _mixed(self, group: Mapping[str, Any]) -> bool:
         return bool(group.get("master_weights") or group.get("stochastic_rounding")) or group.get("state_dtype") is not None or any(
@@ -615,6 +645,11 @@ class Adam(Optimizer):
         state = _state_dtype_of(group.get("state_dtype"), where)
         for j, p in enumerate(arrays):
             kind = p.dtype.name
+            if kind == "float64" and (getattr(self, "max_grad_norm", None) or getattr(self, "_max_grad_norm", None)) is not None:
+                raise TypeError(
+                    f"{where}: params[{j}] is float64; max_grad_norm works on float32, bfloat16 and float16 params "
+                    "(put float64 params in another optimizer)"
+                )
             if master and kind not in _NARROW_KINDS:
                 raise ValueError(
                     f"{where}: master_weights=True keeps float32 copies of bfloat16/float16 params, but params[{j}] is "

@@ -21,11 +21,13 @@ holds ``step`` (a scalar float tensor, as torch keeps it) and ``exp_avg``,
 tensors. So ``state_dict()`` has torch.optim's layout and loads into the matching
 ``torch.optim`` optimizer, and torch's state dicts load here.
 
-Supported tensors: CPU, dense (strided), contiguous, float32 or float64, the gradient
-of the parameter's dtype. ``foreach`` and ``fused`` are accepted and change nothing
-(fastadam's step is always fused and multi-tensor); ``capturable`` and
+Supported tensors: CPU, dense (strided), contiguous, float32 or float64 (Adam/AdamW:
+bfloat16 and float16 too, with master weights, bf16 states, stochastic rounding,
+max_grad_norm and ``torch.amp.GradScaler``; docs/design.md, "Mixed precision"), the
+gradient of the parameter's dtype. ``foreach`` and ``fused`` are accepted and change
+nothing (fastadam's step is always fused and multi-tensor); ``capturable`` and
 ``differentiable`` are refused. Anything else -- CUDA or meta tensors, sparse tensors or
-gradients, complex, float16/bfloat16 or integer dtypes, non-contiguous tensors --
+gradients, complex or integer dtypes, float16/bfloat16 for SGD, non-contiguous tensors --
 raises ``TypeError`` (device, layout, dtype) or ``ValueError`` (memory layout) naming
 the tensor, before anything is updated. Parameters whose ``.grad`` is None are skipped,
 as torch skips them.
@@ -158,6 +160,13 @@ def _ok(t: object, dtypes: tuple[torch.dtype, ...] = _FLOATS) -> bool:
 
 
 _ANY_FLOAT = _FLOATS + _HALF  # Adam's mixed-precision step
+
+
+def _tensor_of(a: np.ndarray) -> torch.Tensor:
+    """A tensor copy of a NumPy array (bfloat16 through its bits: torch.from_numpy has no bfloat16)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -336,6 +345,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
         self._guard = StepGuard(self._step_name)
         self._half = False  # a param is bfloat16/float16: steps take the mixed path
         self._mixed_plan: Any = None  # Adam's kept views for mixed steps
+        self._master_ptrs: dict[int, int] = {}  # id(param) -> its memory when its master was last used
         self.last_grad_norm: float | None = None  # the global gradient norm of the last mixed step
         self.last_step_skipped = False  # the last step met inf/NaN (or GradScaler's found_inf): nothing written
         super().__init__(params, defaults)
@@ -414,8 +424,14 @@ class _NativeOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, as ``torch.optim.Optimizer.add_param_group``; its tensors and
         hyper-parameters are checked first (TypeError/ValueError, and the group is not added)."""
+        if "max_grad_norm" in param_group:
+            raise ValueError(
+                f"fastadam.torch.{type(self).__name__}.add_param_group(): max_grad_norm is the optimizer's (one global "
+                "norm over every group), not a param group's: pass it to the constructor"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        group.pop("max_grad_norm", None)  # copied from defaults by torch: it stays the optimizer's
         g = len(self.param_groups) - 1
         name = f"{type(self).__name__}()"
         try:
@@ -605,12 +621,20 @@ class _NativeOptimizer(torch.optim.Optimizer):
         Entries of ``state`` that are not a parameter's are kept as they are, as torch does.
         """
         state = state_dict.get("state", {})
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and isinstance(g.get("state_dtype"), np.dtype) for g in groups):
+            # from fastadam's NumPy optimizer: its state_dtype as torch's dtype
+            state_dict = dict(state_dict)
+            state_dict["param_groups"] = [
+                {**g, "state_dtype": getattr(torch, g["state_dtype"].name)} if isinstance(g.get("state_dtype"), np.dtype) else g
+                for g in groups
+            ]
         self._check_loaded_state(state_dict)
         if any(isinstance(v, np.ndarray) for entry in state.values() if isinstance(entry, Mapping) for v in entry.values()):
             state_dict = dict(state_dict)
             state_dict["state"] = {
                 k: (
-                    {key: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v) for key, v in entry.items()}
+                    {key: (_tensor_of(v) if isinstance(v, np.ndarray) else v) for key, v in entry.items()}
                     if isinstance(entry, Mapping)
                     else entry
                 )
@@ -667,6 +691,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
         self._guard = StepGuard(self._step_name)
         self._half = any(p.dtype in _HALF for g in self.param_groups for p in g["params"])
         self._mixed_plan = None
+        self._master_ptrs = {}
         self.last_grad_norm = None
         self.last_step_skipped = False
 
@@ -714,9 +739,19 @@ class Adam(_NativeOptimizer):
 
     Args:
         params: tensors, ``(name, tensor)`` pairs or param-group dicts, as for torch.optim.
-            CPU, dense, contiguous, float32 or float64.
+            CPU, dense, contiguous, float32, float64, bfloat16 or float16.
         lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as in
             ``torch.optim.Adam``.
+        max_grad_norm: clip the global L2 norm of all gradients to this, fused into the
+            step (``torch.nn.utils.clip_grad_norm_``'s coefficient); the optimizer's, not a
+            group's. The step's norm is ``opt.last_grad_norm``; ``opt.last_step_skipped``
+            says an inf/NaN gradient (or GradScaler's found_inf) skipped the step.
+        master_weights: (group key) bfloat16/float16 params keep a float32 copy,
+            ``state[p]["master_param"]``; the step updates it and writes it, rounded, to ``p``.
+        state_dtype: (group key) the dtype of ``exp_avg``/``exp_avg_sq``: None (the
+            param's, as torch; float32 with master weights) or ``torch.bfloat16``/``torch.float32``.
+        stochastic_rounding: (group key) bfloat16 params without master weights are
+            rounded stochastically: unbiased, deterministic in (param index, step, element).
         foreach, fused: accepted and ignored: fastadam's step is always fused and
             multi-tensor (code written for ``torch.optim.Adam(..., fused=True)`` runs as it is).
         capturable, differentiable: only False (CUDA graphs and differentiating through the
@@ -782,6 +817,12 @@ class Adam(_NativeOptimizer):
     # torch.amp.GradScaler hands this optimizer grad_scale and found_inf (as torch's fused Adam)
     _step_supports_amp_scaling = True
 
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The largest global L2 norm of the gradients (None: no clipping); the optimizer's, not a group's."""
+        value = self.defaults.get("max_grad_norm")
+        return None if value is None else float(value)
+
     def _mixed_mode(self) -> bool:
         return (
             self._half
@@ -798,8 +839,16 @@ class Adam(_NativeOptimizer):
         master = bool(group.get("master_weights"))
         state = group.get("state_dtype")
         if state is not None and state not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"{where}: state_dtype must be None, torch.float32 or torch.bfloat16, got {state!r}")
+            raise TypeError(
+                f"{where}: state_dtype must be None, torch.float32 or torch.bfloat16 (torch.float16 for float16 params, "
+                f"torch.float64 for float64 params), got {state!r}"
+            )
         for j, p in enumerate(group["params"]):
+            if p.dtype == torch.float64 and self.defaults.get("max_grad_norm") is not None:
+                raise TypeError(
+                    f"{where}: params[{j}] is float64; max_grad_norm works on float32, bfloat16 and float16 params "
+                    "(put float64 params in another optimizer)"
+                )
             if master and p.dtype not in _HALF:
                 raise ValueError(
                     f"{where}: master_weights=True keeps float32 copies of bfloat16/float16 params, but params[{j}] is "
@@ -860,6 +909,11 @@ class Adam(_NativeOptimizer):
             has_float64 = any(p.dtype == torch.float64 and p.grad is not None for g in self.param_groups for p in g["params"])
         else:
             has_float64 = plan.has_float64
+        if has_float64 and self.defaults.get("max_grad_norm") is not None:
+            raise TypeError(
+                f"{self._step_name}: max_grad_norm works on float32, bfloat16 and float16 params; a param with a "
+                "gradient is float64 (clip it with torch.nn.utils.clip_grad_norm_, or keep it in another optimizer)"
+            )
         if grad_scale is not None and has_float64:
             # The kernel unscales in float32 arithmetic only: unscale in place as GradScaler.unscale_ does.
             found = torch.zeros(1) if found_inf is None else found_inf.clone()
@@ -886,7 +940,7 @@ class Adam(_NativeOptimizer):
                 norm = _core._adam_step_groups(
                     self._step_name, plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, plan.maxes, plan.outs, plan.counts,
                     plan.indices, plan.group_index, self.param_groups, None if grad_scale is None else float(grad_scale),
-                    self.defaults.get("max_grad_norm"), plan.seeds,
+                    self.defaults.get("max_grad_norm"), plan.seeds, plan.kernel_labels,
                 )
             except (TypeError, ValueError):
                 self._mixed_validate()  # torch's names for a bad tensor; else the kernel's error
@@ -947,6 +1001,17 @@ class Adam(_NativeOptimizer):
                 created.add(functools.partial(dict.pop, entry, key, None))
                 entry[key] = value
             master = entry.get("master_param") if group.get("master_weights") else None
+            if master is None and entry.get("master_param") is not None:
+                # master_weights turned off: the param goes on from its own value, and a
+                # later master starts from it (not from a stale copy)
+                created.add(functools.partial(dict.__setitem__, entry, "master_param", entry["master_param"]))
+                del entry["master_param"]
+            elif master is not None and self._master_ptrs.get(id(p), p.data_ptr()) != p.data_ptr():
+                # param.data = new values: the master starts again from them (as a new master would)
+                fresh = p.detach().to(torch.float32, copy=True)
+                created.add(functools.partial(dict.__setitem__, entry, "master_param", master))
+                entry["master_param"] = master = fresh
+            plan.kernel_labels.append(label if master is None else f"{label} ({p.dtype}, with float32 master weights)")
             plan.params.append(_numpy(p) if master is None else _numpy(master))
             plan.outs.append(_numpy(p) if master is not None else None)
             plan.exp_avgs.append(_numpy(entry["exp_avg"]))
@@ -956,6 +1021,7 @@ class Adam(_NativeOptimizer):
             assert step is not None
             plan.counts.append(step)
         plan.epoch = self._epoch[0]  # after the state it created
+        self._master_ptrs = {id(p): p.data_ptr() for p in plan.tensors}
         return plan
 
 
@@ -982,7 +1048,8 @@ class _MixedPlan:
                     seeds.append(len(self.flat) - 1 if group.get("stochastic_rounding") else None)
         self.tensors = tuple(self.tensors_list)
         self.seeds = seeds if any(x is not None for x in seeds) else None
-        self.keys = [(p.data_ptr(), p.dtype) for p in self.tensors]
+        self.keys = [(p.data_ptr(), p.dtype, p.shape) for p in self.tensors]
+        self.kernel_labels: list[str] = []  # labels, the master weights' said
         self.modes = [(g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"), g.get("amsgrad")) for g in groups]
         self.has_float64 = any(p.dtype == torch.float64 for p in self.tensors)
         self.indices = list(range(len(self.tensors)))
@@ -1001,9 +1068,11 @@ class _MixedPlan:
             return None
         if [p.grad is not None for p in flat] != self.stepped:
             return None
-        if [(p.data_ptr(), p.dtype) for p in self.tensors] != self.keys:
+        if [(p.data_ptr(), p.dtype, p.shape) for p in self.tensors] != self.keys:
             return None
         if [(g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"), g.get("amsgrad")) for g in groups] != self.modes:
+            return None
+        if any(p.grad.dtype != p.dtype for p in self.tensors):  # type: ignore[union-attr]
             return None
         try:
             return [_numpy(p.grad) for p in self.tensors]  # type: ignore[arg-type]
