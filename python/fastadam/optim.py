@@ -73,6 +73,7 @@ class Optimizer:
         self.max_grad_norm: float | None = None
         self.last_step_skipped = False  # the last step met an inf/NaN gradient and wrote nothing
         self._narrow_grads = False  # bf16/fp16 gradients seen: steps take the mixed path
+        self._precision_checked: list[tuple[Any, ...]] | None = None  # group settings last checked (mixed steps)
 
         if isinstance(params, np.ndarray):
             raise TypeError(
@@ -146,6 +147,7 @@ class Optimizer:
         self._group_sizes.append(len(arrays))
         self._complete_for = None
         self._plan = None
+        self._precision_checked = None
 
     # ----- the step ----------------------------------------------------------------
 
@@ -256,16 +258,22 @@ class Optimizer:
             raise TypeError(f"{name}: grad_scale and params_out are Adam's (mixed precision); SGD takes neither")
         self._adopt_if_changed()
         outs = self._grad_list(params_out, "params_out") if params_out is not None else None
-        start = 0
-        group_of: list[int] = []
-        for g, (group, size) in enumerate(zip(self.param_groups, self._group_sizes)):
-            where = f"{name}: param_groups[{g}]"
-            check_group(self._algorithm, group, where)
-            self._check_precision(group, self._params[start : start + size], where)
-            group_of.extend([g] * size)
-            start += size
+        # The hyper-parameters are checked by the native call; the mixed-precision keys here,
+        # when they changed since the last step.
+        settings = [
+            (id(g), g.get("master_weights"), g.get("state_dtype"), g.get("stochastic_rounding"), self.max_grad_norm)
+            for g in self.param_groups
+        ]
+        if settings != self._precision_checked:
+            start = 0
+            for g, (group, size) in enumerate(zip(self.param_groups, self._group_sizes)):
+                self._check_precision(group, self._params[start : start + size], f"{name}: param_groups[{g}]")
+                start += size
+            self._precision_checked = settings
+        group_of = self._group_of
         idx = [i for i, g in enumerate(grad_list) if g is not None]
-        for i in idx:
+        any_master = any(s[1] for s in settings)
+        for i in idx if any_master or outs is not None else ():
             if self.param_groups[group_of[i]].get("master_weights"):
                 grad = grad_list[i]
                 if isinstance(grad, np.ndarray) and grad.dtype.name not in ("bfloat16", "float16", "float32"):
@@ -282,8 +290,9 @@ class Optimizer:
         needs = [self._algorithm.needed_keys(group) for group in self.param_groups]
         marker = int(self._steps[idx[0]]) if idx else 0
         try:
-            self._create_state(grad_list, needs, created)
-            for i in idx:
+            if needs != self._complete_for:
+                self._create_state(grad_list, needs, created)
+            for i in idx if any_master or any(m is not None for m in self._masters) else ():
                 wants_master = self.param_groups[group_of[i]].get("master_weights")
                 if wants_master and self._masters[i] is None:
                     created.add(functools.partial(self._masters.__setitem__, i, None))
@@ -294,19 +303,19 @@ class Optimizer:
                     created.add(functools.partial(self._masters.__setitem__, i, self._masters[i]))
                     self._masters[i] = None
             max_sqs = self._buffers["max_exp_avg_sq"]
-            params, out_arrays, seeds, labels = [], [], [], []
-            for i in idx:
-                group = self.param_groups[group_of[i]]
-                master = self._masters[i] if group.get("master_weights") else None
-                params.append(self._params[i] if master is None else master)
-                out_arrays.append(self._params[i] if master is not None else (outs[i] if outs is not None else None))
-                seeds.append(i if group.get("stochastic_rounding") else None)
-                label = f"params[{i}]" if self._names[i] is None else f"params[{self._names[i]!r}]"
-                labels.append(label if master is None else f"{label} ({self._params[i].dtype.name}, with float32 master weights)")
-            norm = _core._adam_step_groups(
-                name,
+            masters = [self._masters[i] for i in idx]
+            params = [p if m is None else m for p, m in zip([self._params[i] for i in idx], masters)]
+            if outs is None and not any_master:
+                out_arrays: list[np.ndarray | None] = [None] * len(idx)
+            else:
+                out_arrays = [self._params[i] if m is not None else (outs[i] if outs is not None else None) for i, m in zip(idx, masters)]
+            seeds = {i for i in idx if self.param_groups[group_of[i]].get("stochastic_rounding")} if any(s[3] for s in settings) else set()
+            def native_step(labels: list[str] | None) -> float | None:
+                return _core._adam_step_groups(name, *args, labels)  # type: ignore[arg-type, call-arg]
+
+            args = [
                 params,
-                [grad_list[i] for i in idx],  # type: ignore[misc]  # None filtered out by idx
+                [grad_list[i] for i in idx],
                 [self._buffers["exp_avg"][i] for i in idx],
                 [self._buffers["exp_avg_sq"][i] for i in idx],
                 [max_sqs[i] if self.param_groups[group_of[i]].get("amsgrad") else None for i in idx],
@@ -317,20 +326,40 @@ class Optimizer:
                 self.param_groups,
                 grad_scale,
                 self.max_grad_norm,
-                seeds if any(x is not None for x in seeds) else None,
-                labels,
-            )
+                [i if i in seeds else None for i in idx] if seeds else None,
+            ]
+            try:
+                norm = native_step(None)
+            except (TypeError, ValueError):
+                # Again with the user's names for the tensors (nothing was written): the error
+                # names params[i] of the optimizer, not the i-th tensor of this call.
+                labels = [
+                    (f"params[{i}]" if self._names[i] is None else f"params[{self._names[i]!r}]")
+                    + ("" if m is None else f" ({self._params[i].dtype.name}, with float32 master weights)")
+                    for i, m in zip(idx, masters)
+                ]
+                native_step(labels)
+                raise
         except BaseException:
             if created and (not idx or int(self._steps[idx[0]]) == marker):  # the step did not happen
                 created.run()
             self._complete_for = None
             raise
-        self._complete_for = None
         skipped = norm is not None and not math.isfinite(norm)
         if skipped and created:
             created.run()  # a skipped step leaves no trace, as torch's GradScaler skipping step()
+            self._complete_for = None
         self.last_step_skipped = skipped
         return norm
+
+    @property
+    def _group_of(self) -> list[int]:
+        """The group of each param, by flat index."""
+        if len(self._group_of_cache) != len(self._params):
+            self._group_of_cache = [g for g, size in enumerate(self._group_sizes) for _ in range(size)]
+        return self._group_of_cache
+
+    _group_of_cache: list[int] = []
 
     def _adopt_if_changed(self) -> None:
         """As the plan's check: arrays replaced in ``param_groups`` start with fresh state."""
@@ -366,6 +395,7 @@ class Optimizer:
         self._params = arrays
         self._plan = None
         self._complete_for = None
+        self._precision_checked = None
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy and pickle: the native plan and the guard are rebuilt, not copied.
@@ -518,6 +548,7 @@ class Optimizer:
                 array[...] = new_buffers[key][i]
                 new_buffers[key][i] = array
         self.param_groups[:] = new_groups
+        self._precision_checked = None
         self._buffers = new_buffers
         self._masters = new_masters
         self._steps = new_steps
