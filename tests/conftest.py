@@ -7,6 +7,13 @@ import pytest
 import fastadam
 
 DTYPES = [np.float32, np.float64]
+
+
+def pytest_configure(config):
+    # pyproject.toml registers these; a copy of tests/ run outside the source tree (CI's
+    # wheel check) has no pyproject, so they are registered here as well.
+    for marker in ("slow: seconds each; deselect with -m \"not slow\"", "peers: the benchmark's DeepSpeed and optax checks"):
+        config.addinivalue_line("markers", marker)
 THREADS = [1, 2, 3]
 
 
