@@ -19,7 +19,11 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["ADAM", "SGD", "Algorithm", "StepGuard", "Rollback", "check_group", "check_loaded_entry", "zeros_packed", "state_stagger"]
+__all__ = [
+    "ADAM", "SGD", "Algorithm", "StepGuard", "Rollback", "check_group", "check_loaded_entry", "check_max_grad_norm",
+    "check_mixed_precision",
+    "zeros_packed", "state_stagger",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,56 @@ SGD = Algorithm("sgd", ("momentum_buffer",), False, lambda g: 1 if g.get("moment
 def check_group(algorithm: Algorithm, group: Mapping[str, Any], where: str) -> None:
     """TypeError/ValueError (starting with ``where``) unless the group's hyper-parameters are valid."""
     _core._check_group(algorithm.kind, group, where)
+
+
+def check_max_grad_norm(value: object, where: str) -> float | None:
+    """``max_grad_norm`` as a float (None: no clipping); TypeError/ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{where}: max_grad_norm must be a number > 0 or None, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: max_grad_norm must be a finite number > 0 or None, got {value!r}")
+    return float(value)
+
+
+def check_mixed_precision(
+    group: Mapping[str, Any], kinds: Sequence[str], state: str | None, clips: bool, where: str
+) -> None:
+    """TypeError/ValueError (starting with ``where``) unless Adam's mixed-precision keys of a
+    group go with its params: ``kinds`` the params' dtype names ("bfloat16", "float32", ...),
+    ``state`` the name of the group's ``state_dtype`` (None: the default), ``clips`` whether
+    the optimizer has a ``max_grad_norm``. Shared by fastadam.Adam and fastadam.torch.Adam."""
+    for key in ("master_weights", "stochastic_rounding"):
+        if not isinstance(group.get(key, False), (bool, np.bool_)):
+            raise TypeError(f"{where}: {key} must be True or False, got {group[key]!r}")
+    master = bool(group.get("master_weights"))
+    for j, kind in enumerate(kinds):
+        if kind == "float64" and clips:
+            raise TypeError(
+                f"{where}: params[{j}] is float64; max_grad_norm works on float32, bfloat16 and float16 params "
+                "(put float64 params in another optimizer)"
+            )
+        if master and kind not in ("bfloat16", "float16"):
+            raise ValueError(
+                f"{where}: master_weights=True keeps float32 copies of bfloat16/float16 params, but params[{j}] is "
+                f"{kind}; leave master_weights off for it (put it in another param group)"
+            )
+        if group.get("stochastic_rounding") and (kind != "bfloat16" or master):
+            raise ValueError(
+                f"{where}: stochastic_rounding=True rounds bfloat16 params updated directly; params[{j}] is {kind}"
+                + (" with master_weights=True (its float32 master is never rounded)" if master else "")
+            )
+        if state is not None:
+            ok = (
+                state == "float64" if kind == "float64"
+                else state in ("float32", "bfloat16") or (state == "float16" and kind == "float16" and not master)
+            )
+            if not ok:
+                raise ValueError(
+                    f"{where}: state_dtype {state} does not go with params[{j}] of dtype {kind}; states are float32 "
+                    "or bfloat16 (float16 for float16 params without master weights, float64 for float64 params)"
+                )
 
 
 # One step of an optimizer at a time: a second thread's step raises RuntimeError (a step

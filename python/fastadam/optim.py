@@ -23,6 +23,8 @@ from ._common import (
     StepGuard,
     check_group,
     check_loaded_entry,
+    check_max_grad_norm,
+    check_mixed_precision,
     state_stagger,
     zeros_packed,
 )
@@ -636,11 +638,7 @@ class Adam(Optimizer):
         stochastic_rounding: bool = False,
     ) -> None:
         name = f"{type(self).__name__}()"
-        if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float, np.floating, np.integer)):
-                raise TypeError(f"{name}: max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
-            if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-                raise ValueError(f"{name}: max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
+        clip = check_max_grad_norm(max_grad_norm, name)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,  # validated with the group
@@ -653,7 +651,7 @@ class Adam(Optimizer):
             state_dtype=_state_dtype_of(state_dtype, name),
             stochastic_rounding=stochastic_rounding,
         )
-        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._max_grad_norm = clip
         super().__init__(params, defaults)
         self.max_grad_norm = self._max_grad_norm
 
@@ -669,38 +667,9 @@ class Adam(Optimizer):
         return param.dtype if param.dtype == np.float64 else np.dtype(np.float32)
 
     def _check_precision(self, group: Mapping[str, Any], arrays: Sequence[np.ndarray], where: str) -> None:
-        for key in ("master_weights", "stochastic_rounding"):
-            if not isinstance(group.get(key, False), (bool, np.bool_)):
-                raise TypeError(f"{where}: {key} must be True or False, got {group[key]!r}")
-        master = bool(group.get("master_weights"))
         state = _state_dtype_of(group.get("state_dtype"), where)
-        for j, p in enumerate(arrays):
-            kind = p.dtype.name
-            if kind == "float64" and (getattr(self, "max_grad_norm", None) or getattr(self, "_max_grad_norm", None)) is not None:
-                raise TypeError(
-                    f"{where}: params[{j}] is float64; max_grad_norm works on float32, bfloat16 and float16 params "
-                    "(put float64 params in another optimizer)"
-                )
-            if master and kind not in _NARROW_KINDS:
-                raise ValueError(
-                    f"{where}: master_weights=True keeps float32 copies of bfloat16/float16 params, but params[{j}] is "
-                    f"{kind}; leave master_weights off for it (put it in another param group)"
-                )
-            if group.get("stochastic_rounding") and (kind != "bfloat16" or master):
-                raise ValueError(
-                    f"{where}: stochastic_rounding=True rounds bfloat16 params updated directly; params[{j}] is {kind}"
-                    + (" with master_weights=True (its float32 master is never rounded)" if master else "")
-                )
-            if state is not None:
-                ok = (
-                    state == p.dtype if kind == "float64"
-                    else state.name in ("float32", "bfloat16") or (state.name == "float16" and kind == "float16" and not master)
-                )
-                if not ok:
-                    raise ValueError(
-                        f"{where}: state_dtype {state.name} does not go with params[{j}] of dtype {kind}; states are "
-                        "float32 or bfloat16 (float16 for float16 params without master weights, float64 for float64 params)"
-                    )
+        clips = (getattr(self, "max_grad_norm", None) or getattr(self, "_max_grad_norm", None)) is not None
+        check_mixed_precision(group, [p.dtype.name for p in arrays], None if state is None else state.name, clips, where)
 
 
 class AdamW(Adam):

@@ -77,6 +77,8 @@ from ._common import (
     StepGuard,
     check_group,
     check_loaded_entry,
+    check_max_grad_norm,
+    check_mixed_precision,
     state_stagger,
     zeros_packed,
 )
@@ -806,16 +808,12 @@ class Adam(_NativeOptimizer):
         stochastic_rounding: bool = False,
     ) -> None:
         _check_torch_scalars(lr, tuple(betas))
-        if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
-                raise TypeError(f"fastadam.torch.{type(self).__name__}(): max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
-            if not (np.isfinite(max_grad_norm) and max_grad_norm > 0):
-                raise ValueError(f"fastadam.torch.{type(self).__name__}(): max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        clip = check_max_grad_norm(max_grad_norm, f"fastadam.torch.{type(self).__name__}()")
         # The mixed-precision keys join the groups only when set: torch's layout otherwise.
         mixed = {"master_weights": master_weights, "state_dtype": state_dtype, "stochastic_rounding": stochastic_rounding}
         defaults = {
             **{k: v for k, v in mixed.items() if v not in (None, False)},
-            **({} if max_grad_norm is None else {"max_grad_norm": float(max_grad_norm)}),
+            **({} if clip is None else {"max_grad_norm": clip}),
             "lr": lr,
             "betas": tuple(betas),
             "eps": eps,
@@ -851,42 +849,15 @@ class Adam(_NativeOptimizer):
         )
 
     def _check_precision(self, group: Mapping[str, Any], where: str) -> None:
-        for key in ("master_weights", "stochastic_rounding"):
-            if not isinstance(group.get(key, False), bool):
-                raise TypeError(f"{where}: {key} must be True or False, got {group[key]!r}")
-        master = bool(group.get("master_weights"))
         state = group.get("state_dtype")
         if state is not None and state not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(
                 f"{where}: state_dtype must be None, torch.float32 or torch.bfloat16 (torch.float16 for float16 params, "
                 f"torch.float64 for float64 params), got {state!r}"
             )
-        for j, p in enumerate(group["params"]):
-            if p.dtype == torch.float64 and self.defaults.get("max_grad_norm") is not None:
-                raise TypeError(
-                    f"{where}: params[{j}] is float64; max_grad_norm works on float32, bfloat16 and float16 params "
-                    "(put float64 params in another optimizer)"
-                )
-            if master and p.dtype not in _HALF:
-                raise ValueError(
-                    f"{where}: master_weights=True keeps float32 copies of bfloat16/float16 params, but params[{j}] is "
-                    f"{p.dtype}; leave master_weights off for it (put it in another param group)"
-                )
-            if group.get("stochastic_rounding") and (p.dtype != torch.bfloat16 or master):
-                raise ValueError(
-                    f"{where}: stochastic_rounding=True rounds bfloat16 params updated directly; params[{j}] is {p.dtype}"
-                    + (" with master_weights=True (its float32 master is never rounded)" if master else "")
-                )
-            if state is not None:
-                if p.dtype == torch.float64:
-                    ok = state == torch.float64
-                else:
-                    ok = state in (torch.float32, torch.bfloat16) or (state == torch.float16 and p.dtype == torch.float16 and not master)
-                if not ok:
-                    raise ValueError(
-                        f"{where}: state_dtype {state} does not go with params[{j}] of dtype {p.dtype}; states are float32 "
-                        "or bfloat16 (float16 for float16 params without master weights, float64 for float64 params)"
-                    )
+        kinds = [str(p.dtype).removeprefix("torch.") for p in group["params"]]
+        state_name = None if state is None else str(state).removeprefix("torch.")
+        check_mixed_precision(group, kinds, state_name, self.defaults.get("max_grad_norm") is not None, where)
 
     def _state_dtype(self, group: Mapping[str, Any], p: torch.Tensor) -> torch.dtype:
         state = group.get("state_dtype")
