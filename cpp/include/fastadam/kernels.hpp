@@ -521,8 +521,11 @@ inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float
         }
         adam_segment<float>(f, s, 0, n);
         if (stochastic) {
+            // Two loops, each one the compiler vectorises: the random bits, then the rounding.
+            alignas(64) std::uint32_t random[kStageElements];
+            for (std::int64_t j = 0; j < n; ++j) random[j] = rounding_bits(key, at + j);
             Bf16* out = static_cast<Bf16*>(t.param) + at;
-            for (std::int64_t j = 0; j < n; ++j) out[j].bits = narrow_bf16_stochastic(param[j], rounding_bits(key, at + j));
+            for (std::int64_t j = 0; j < n; ++j) out[j].bits = narrow_bf16_stochastic(param[j], random[j]);
         } else if (narrow_param) {
             narrow(t.param, t.param_dtype, param, at, n);
         }
