@@ -36,6 +36,7 @@ Grads = Sequence[np.ndarray | None] | Sequence[Sequence[np.ndarray | None]] | Ma
 
 
 _NARROW_KINDS = ("bfloat16", "float16")
+_FLOAT16, _FLOAT32 = np.dtype(np.float16), np.dtype(np.float32)
 
 
 def _to_numpy(value: Any) -> Any:
@@ -75,6 +76,7 @@ class Optimizer:
         self.max_grad_norm: float | None = None
         self.last_step_skipped = False  # the last step met an inf/NaN gradient and wrote nothing
         self._narrow_grads = False  # bf16/fp16 gradients seen: steps take the mixed path
+        self._narrow_params = False  # a bf16/fp16 param (the only 2-byte floats fastadam takes): the mixed path
         self._precision_checked: list[tuple[Any, ...]] | None = None  # group settings last checked (mixed steps)
 
         if isinstance(params, np.ndarray):
@@ -145,6 +147,7 @@ class Optimizer:
         for key in self._state_keys:
             self._buffers[key].extend([None] * len(arrays))
         self._masters.extend([None] * len(arrays))
+        self._narrow_params = any(a.itemsize == 2 for a in self._params)
         self._steps = np.concatenate([self._steps, np.zeros(len(arrays), dtype=np.int64)])
         self._group_sizes.append(len(arrays))
         self._complete_for = None
@@ -209,6 +212,7 @@ class Optimizer:
                 and params_out is None
                 and self.max_grad_norm is None
                 and not self._narrow_grads
+                and not self._narrow_params
                 and not any(map(self._mixed, self.param_groups))
             ):
                 self.last_step_skipped = False
@@ -278,7 +282,7 @@ class Optimizer:
         for i in idx if any_master or outs is not None else ():
             if self.param_groups[group_of[i]].get("master_weights"):
                 grad = grad_list[i]
-                if isinstance(grad, np.ndarray) and grad.dtype.name not in ("bfloat16", "float16", "float32"):
+                if isinstance(grad, np.ndarray) and grad.dtype not in (self._params[i].dtype, _FLOAT16, _FLOAT32) and grad.dtype.name != "bfloat16":
                     raise TypeError(
                         f"{name}: the gradient of params[{i}] has dtype {grad.dtype}; a param with master weights "
                         f"({self._params[i].dtype}) takes bfloat16, float16 or float32 gradients"
@@ -395,6 +399,7 @@ class Optimizer:
                 self._masters[i] = None
                 self._steps[i] = 0
         self._params = arrays
+        self._narrow_params = any(a.itemsize == 2 for a in arrays)
         self._plan = None
         self._complete_for = None
         self._precision_checked = None
@@ -656,9 +661,8 @@ class Adam(Optimizer):
         self.max_grad_norm = self._max_grad_norm
 
     def _mixed(self, group: Mapping[str, Any]) -> bool:
-        return bool(group.get("master_weights") or group.get("stochastic_rounding")) or group.get("state_dtype") is not None or any(
-            p.dtype.name in _NARROW_KINDS for p in group["params"]
-        )
+        # (bf16/fp16 params: self._narrow_params; a dtype's .name costs microseconds, too much per param per step)
+        return bool(group.get("master_weights") or group.get("stochastic_rounding")) or group.get("state_dtype") is not None
 
     def _state_dtype(self, group: Mapping[str, Any], param: np.ndarray) -> np.dtype[Any]:
         dtype = _state_dtype_of(group.get("state_dtype"), self._step_name)

@@ -171,34 +171,25 @@ def _tensor_of(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a))
 
 
-_BF16: list[np.dtype[Any]] = []  # ml_dtypes.bfloat16, imported on first use
-
-
+@functools.cache
 def _bf16() -> np.dtype[Any]:
-    if not _BF16:
-        try:
-            import ml_dtypes
-        except ImportError as error:
-            raise ImportError('bfloat16 tensors need ml_dtypes: pip install "fastadam[bf16]"') from error
-        _BF16.append(np.dtype(ml_dtypes.bfloat16))
-    return _BF16[0]
+    """ml_dtypes.bfloat16, imported on first use."""
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise ImportError('bfloat16 tensors need ml_dtypes: pip install "fastadam[bf16]"') from error
+    bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return bf16
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a contiguous CPU tensor's memory (bfloat16 as ml_dtypes.bfloat16)."""
-    t = t.detach()
-    if t.dtype != torch.bfloat16:
-        return t.numpy()
-    return t.view(torch.int16).numpy().view(_bf16())
-
-
-def _grad_numpy(g: torch.Tensor) -> np.ndarray:
-    """_numpy for a gradient, which needs no detach unless it requires grad itself."""
-    if g.requires_grad:
-        return _numpy(g)
-    if g.dtype is torch.bfloat16:
-        return g.view(torch.int16).numpy().view(_BF16[0] if _BF16 else _bf16())
-    return g.numpy()
+    """A NumPy view of a contiguous CPU tensor's memory (bfloat16 as ml_dtypes.bfloat16).
+    Detached only when it requires grad (a gradient does not: that call costs a microsecond)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_bf16())
+    return t.numpy()
 
 
 def _grad_error(step_name: str, torch_name: str, p: torch.Tensor, label: str, grad: object, half_ok: bool = False) -> Exception:
@@ -1064,7 +1055,7 @@ class _MixedPlan:
         if any(p.grad.dtype != p.dtype for p in self.tensors):  # type: ignore[union-attr]
             return None
         try:
-            return [_grad_numpy(p.grad) for p in self.tensors]  # type: ignore[arg-type]
+            return [_numpy(p.grad) for p in self.tensors]  # type: ignore[arg-type]
         except (TypeError, RuntimeError):  # not on the CPU, sparse, a negative view: the slow path says so
             return None
 
