@@ -230,7 +230,8 @@ def torch_plan(torch, params, kind="adam", steps=True, state=True, amsgrad_state
 
     api = types.SimpleNamespace(
         tensors=list(params), steps=[None if s is None else s.numpy().reshape(()) for s in st["step"]],
-        Tensor=torch.Tensor, strided=torch.strided, grad_error=grad_error, bump_versions=Recorder(), errors=errors)
+        Tensor=torch.Tensor, strided=torch.strided, grad_error=grad_error, bump_versions=Recorder(), errors=errors,
+        meta=None)  # the Python-API path (tests/test_torch_helper.py: the helper's)
     plan = _core._StepPlan(kind, "fastadam.torch.Adam.step()", [p.detach().numpy() for p in params], states,
                            [len(g["params"]) for g in groups], labels, api)
     return plan, api, st, groups

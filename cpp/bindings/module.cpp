@@ -49,7 +49,8 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
              py::arg("torch") = py::none())
         .def("step", &fb::StepPlan::step, py::arg("grads"), py::arg("steps"), py::arg("groups"))
         .def("torch_step", &fb::StepPlan::torch_step, py::arg("groups"))
-        .def_property_readonly("completed", &fb::StepPlan::completed);
+        .def_property_readonly("completed", &fb::StepPlan::completed)
+        .def_property_readonly("torch_helper", &fb::StepPlan::torch_helper);
     py::class_<fb::StepGuard>(m, "_StepGuard")
         .def(py::init<std::string>(), py::arg("name"))
         .def("__enter__", &fb::StepGuard::enter)

@@ -20,6 +20,7 @@
 
 #include "arrays.hpp"
 #include "descriptors.hpp"
+#include "torch_meta.h"
 
 namespace fastadam::bindings {
 
@@ -44,6 +45,8 @@ public:
     // Steps this plan has applied, counted with the step itself: after a KeyboardInterrupt
     // the optimizer keeps state created for a step that happened, and removes it otherwise.
     std::uint64_t completed() const { return completed_; }
+    // A torch-mode plan that reads tensors through the torch helper (torch_meta.h).
+    bool torch_helper() const { return torch_ && torch_->meta != nullptr; }
 
 private:
     struct Entry {
@@ -73,6 +76,11 @@ private:
             py::object dtype, shape;      // the param's, for a new gradient's checks
         };
         std::vector<Tensor> t;
+        // The torch helper (torch_meta.h), or null: then the reads go through torch's Python API.
+        const fastadam_torch_meta_api* meta = nullptr;
+        py::object meta_capsule;               // keeps the helper's module alive
+        std::vector<fastadam_torch_meta> now;  // this step's reads
+        std::vector<fastadam_torch_meta> built;  // the params as the plan was built
     };
     ArgName name(Slot slot, std::size_t i) const { return ArgName{fn_.c_str(), slot, i, true, labels_.empty() ? nullptr : &labels_}; }
     std::size_t check_groups(py::handle groups) const;  // a list or tuple; returns its length
@@ -99,6 +107,7 @@ private:
     // torch mode (step_plan_torch.cpp)
     void build_torch(py::handle torch);
     int torch_tensor(std::size_t i);  // 1: stepped, 0: no gradient, -1: stale
+    int torch_tensor_meta(std::size_t i);  // the same through the torch helper
     std::uintptr_t torch_grad(std::size_t i, PyObject* grad);
     [[noreturn]] void raise_grad_error(std::size_t i, PyObject* grad) const;
     std::int64_t torch_count(std::size_t i) const;

@@ -5,7 +5,8 @@
 // is tensors[i].detach().numpy()), steps (per tensor a 0-d float32/float64/int64 array
 // viewing state['step'], or None), Tensor (torch.Tensor), strided (torch.strided),
 // grad_error(i, grad) -> the exception for a gradient the checks reject, and
-// bump_versions(tuple_of_tensors) or None.
+// bump_versions(tuple_of_tensors) or None, and meta: the torch helper's capsule
+// (torch_meta.h) or None. With the helper, a step reads every tensor in one C++ call.
 //
 // For SGD, steps[i] may be None (the momentum buffer is not new: the kernel's count is 2)
 // or a count like Adam's, where 0 means "the buffer is new: set it to the gradient".
@@ -118,6 +119,22 @@ void StepPlan::build_torch(py::handle torch) {
         }
     }
     t->step_arrays = steps;
+    py::object meta = torch.attr("meta");
+    if (!meta.is_none()) {
+        t->meta = static_cast<const fastadam_torch_meta_api*>(PyCapsule_GetPointer(meta.ptr(), FASTADAM_TORCH_META_CAPSULE));
+        if (t->meta == nullptr) throw py::error_already_set();
+        if (t->meta->abi != FASTADAM_TORCH_META_ABI)
+            throw_type(fn_ + ": internal error: the torch helper's ABI is " + std::to_string(t->meta->abi) + ", expected " +
+                       std::to_string(FASTADAM_TORCH_META_ABI) + " (delete its cache directory)");
+        t->meta_capsule = meta;
+        t->now.resize(n);
+        t->built.resize(n);
+        if (n > 0 && t->meta->read(t->tensors.ptr(), t->built.data()) < 0) throw py::error_already_set();
+        for (std::size_t i = 0; i < n; ++i)
+            if (t->built[i].param_nbytes != static_cast<std::int64_t>(entries_[i].param.nbytes) ||
+                (t->built[i].param_nbytes > 0 && t->built[i].param_ptr != t->t[i].param_ptr))
+                throw_value(name(kParam, i).str() + ": internal error: the torch helper reads another tensor than params[i]");
+    }
     torch_ = std::move(t);
 }
 
@@ -191,6 +208,25 @@ int StepPlan::torch_tensor(std::size_t i) {
     return 1;
 }
 
+// torch_tensor's checks, in the same order, on what the helper read for tensor i.
+int StepPlan::torch_tensor_meta(std::size_t i) {
+    Torch& t = *torch_;
+    const fastadam_torch_meta &m = t.now[i], &b = t.built[i];
+    if (m.grad_state == 0) return 0;
+    if (m.param_ptr != b.param_ptr || m.param_nbytes != b.param_nbytes || m.param_dtype != b.param_dtype || state_missing(i) ||
+        (adam_ && t.t[i].step == nullptr))
+        return -1;
+    if (m.grad_state != 1) {
+        const py::object grad = py::reinterpret_steal<py::object>(PyObject_GetAttr(t.t[i].tensor, names().grad));
+        if (!grad) throw py::error_already_set();
+        raise_grad_error(i, grad.ptr());
+    }
+    const char* data = reinterpret_cast<const char*>(m.grad_ptr);
+    check_grad_overlap(entries_[i], i, data);
+    set_kept(entries_[i], data, torch_count(i));
+    return 1;
+}
+
 bool StepPlan::torch_step(py::handle groups) {
     if (!torch_) throw_value(fn_ + ": this plan was built without torch=...; call step()");
     const std::size_t n = entries_.size();
@@ -198,8 +234,10 @@ bool StepPlan::torch_step(py::handle groups) {
     if (!groups_hold_params(groups)) return false;
     read_hypers(groups);  // which state a step needs depends on them (amsgrad, momentum)
     prefetch();
+    Torch& t = *torch_;
+    if (t.meta != nullptr && n > 0 && t.meta->read(t.tensors.ptr(), t.now.data()) < 0) throw py::error_already_set();
     for (std::size_t i = 0; i < n; ++i) {
-        const int r = torch_tensor(i);
+        const int r = t.meta != nullptr ? torch_tensor_meta(i) : torch_tensor(i);
         if (r < 0) return false;
         stepped_[i] = static_cast<unsigned char>(r);
         if (r == 0) set_kept(entries_[i], nullptr, 0);
@@ -220,7 +258,12 @@ void StepPlan::torch_bump_versions() {
     const std::size_t n = entries_.size();
     std::size_t count = 0;
     for (std::size_t i = 0; i < n; ++i) count += stepped_[i];
-    if (t.bump_versions.is_none() || count == 0) return;
+    if (count == 0) return;
+    if (t.meta != nullptr) {
+        if (t.meta->bump_versions(t.tensors.ptr(), stepped_.data()) < 0) throw py::error_already_set();
+        return;
+    }
+    if (t.bump_versions.is_none()) return;
     py::tuple updated = t.tensors;
     if (count != n) {
         updated = py::tuple(count);

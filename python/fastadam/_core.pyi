@@ -104,7 +104,7 @@ class _StepPlan:
 
     kind "adam": states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]; "sgd": [momentum_buffers];
     None where a tensor has no such buffer yet. labels[i] names tensor i in errors.
-    torch: an object with tensors, steps, Tensor, strided, grad_error, bump_versions
+    torch: an object with tensors, steps, Tensor, strided, grad_error, bump_versions, meta
     (cpp/bindings/step_plan_torch.cpp); for SGD a steps entry may be None (the buffer is not new).
     """
 
@@ -124,3 +124,7 @@ class _StepPlan:
     def torch_step(self, groups: Sequence[Mapping[str, Any]]) -> bool: ...
     @property
     def completed(self) -> int: ...
+    @property
+    def torch_helper(self) -> bool:
+        """This torch-mode plan reads tensors through the torch helper (fastadam/_torch_meta.py)."""
+        ...

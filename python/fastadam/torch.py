@@ -68,7 +68,7 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
         "(on a machine without a GPU, pin the CPU build first, e.g. pip install torch==2.13.0)"
     ) from _error
 
-from . import _core
+from . import _core, _torch_meta
 from ._common import (
     ADAM,
     SGD as _SGD_ALGORITHM,
@@ -321,7 +321,7 @@ def _plain_state(items: list[tuple[Any, Any]]) -> defaultdict[Any, Any]:
 class _TorchPlanApi:
     """What the native plan needs from torch in a torch-mode step (see cpp/bindings/step_plan.hpp)."""
 
-    __slots__ = ("tensors", "steps", "Tensor", "strided", "grad_error", "bump_versions")
+    __slots__ = ("tensors", "steps", "Tensor", "strided", "grad_error", "bump_versions", "meta")
 
     def __init__(self, tensors: list[torch.Tensor], steps: list[np.ndarray | None] | None,
                  grad_error: Callable[[int, object], BaseException]) -> None:
@@ -331,6 +331,7 @@ class _TorchPlanApi:
         self.strided = torch.strided
         self.grad_error = grad_error
         self.bump_versions = _increment_version
+        self.meta = _torch_meta.api()
 
 
 class _NativeOptimizer(torch.optim.Optimizer):
