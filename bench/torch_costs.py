@@ -49,7 +49,8 @@ def _helper_read(tensors: tuple[torch.Tensor, ...]) -> Callable[[], object] | No
     api = Api.from_address(get_pointer(capsule, b"fastadam.torch_meta.api"))
     read = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p)(api.read)
     class Meta(ctypes.Structure):
-        _fields_ = [("param_ptr", ctypes.c_size_t), ("param_nbytes", ctypes.c_int64), ("grad_ptr", ctypes.c_size_t),
+        _fields_ = [("param_ptr", ctypes.c_size_t), ("param_nbytes", ctypes.c_int64), ("param_shape", ctypes.c_uint64),
+                    ("grad_ptr", ctypes.c_size_t),
                     ("param_dtype", ctypes.c_int32), ("grad_state", ctypes.c_int32)]
 
     out = (Meta * len(tensors))()

@@ -134,6 +134,91 @@ def test_a_rejected_gradient_gets_the_same_error_on_both_paths_and_nothing_is_wr
     assert "param_groups[0]['params'][1]" in got[1]
 
 
+# A param changed behind the plan's back at the same address: another shape, dtype or
+# layout over the same memory. The plan must notice, not step the old layout.
+SAME_ADDRESS = {
+    "reshaped": lambda torch, p: p.data.view(5, 7),
+    "shrunk": lambda torch, p: p.data.view(-1)[:3],
+    "transposed": lambda torch, p: p.data.t(),
+    "reinterpreted": lambda torch, p: p.data.view(torch.int32),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SAME_ADDRESS))
+def test_a_param_changed_at_the_same_address_is_refused_on_both_paths_and_nothing_is_written(torch, helper, meta, monkeypatch, kind):
+    import fastadam.torch as ft
+
+    def attempt():
+        p = torch.ones(7, 5)  # a plain tensor: a Parameter's .data cannot become int32
+        opt = ft.Adam([p], lr=0.1)
+        p.grad = torch.ones(7, 5)
+        opt.step()
+        storage = p.untyped_storage()
+        before = bytes(storage)
+        state = {k: v.clone() for k, v in opt.state[p].items()}
+        grad = p.grad
+        p.data = SAME_ADDRESS[kind](torch, p)
+        assert p.data_ptr() == storage.data_ptr()
+        if p.dtype.is_floating_point:
+            p.grad = torch.ones(p.shape)
+        else:
+            assert p.grad is grad  # torch takes no int32 gradient: the float one stays
+        with pytest.raises((TypeError, ValueError)) as error:
+            opt.step()
+        assert bytes(storage) == before
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+        return type(error.value), str(error.value)
+
+    got = attempt()
+    _helper_off(monkeypatch, meta)
+    assert got == attempt()
+
+
+def test_an_inference_tensor_param_is_refused_with_a_clear_error(torch):
+    import fastadam.torch as ft
+
+    with torch.inference_mode():
+        p = torch.ones(4)
+    with pytest.raises(TypeError, match="inference tensor.*outside inference mode"):
+        ft.Adam([p])
+
+
+def test_a_gradient_without_memory_of_its_own_is_refused_on_both_paths(torch, helper, meta, monkeypatch):
+    import fastadam.torch as ft
+
+    class Wrapper(torch.Tensor):  # a wrapper subclass: data_ptr() is 0
+        @staticmethod
+        def __new__(cls, elem):
+            return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype, device=elem.device)
+
+        def __init__(self, elem):
+            self.elem = elem
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            def unwrap(x):
+                return x.elem if isinstance(x, Wrapper) else x
+
+            return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+    def attempt():
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = ft.Adam([p], lr=0.1)
+        p.grad = torch.ones(4)
+        opt.step()
+        step = opt.state[p]["step"].clone()
+        p.grad = Wrapper(torch.ones(4))
+        with pytest.raises(TypeError, match="no memory of its own") as error:
+            opt.step()
+        assert torch.equal(opt.state[p]["step"], step)
+        assert torch.equal(p.detach(), torch.full((4,), 0.9))
+        return str(error.value)
+
+    got = attempt()
+    _helper_off(monkeypatch, meta)
+    assert got == attempt()
+
+
 def test_a_failed_build_warns_once_and_steps_on_the_python_api_path(torch, meta, monkeypatch):
     import fastadam.torch as ft
 
@@ -149,14 +234,28 @@ def test_a_failed_build_warns_once_and_steps_on_the_python_api_path(torch, meta,
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.ones(4)
     opt = ft.Adam([p], lr=0.1)
-    with pytest.warns(RuntimeWarning, match="no compiler in this test.*FASTADAM_TORCH_HELPER=0"):
+    with pytest.warns(RuntimeWarning, match="no compiler in this test.*FASTADAM_TORCH_HELPER=0") as record:
         opt.step()
+    assert record[0].filename == __file__  # it points at the caller's step()
     assert not opt._plan.torch_helper
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ft.Adam([torch.nn.Parameter(torch.ones(2))]).step()  # decided once per process: no second warning
     assert calls == [1]
     np.testing.assert_array_less(p.detach().numpy(), 1)
+
+
+def test_a_missing_helper_source_is_a_warning_not_a_failed_step(torch, meta, monkeypatch, tmp_path):
+    import fastadam.torch as ft
+
+    monkeypatch.setattr(meta, "_SOURCE", tmp_path / "missing")
+    monkeypatch.setattr(meta, "_cached", [])
+    monkeypatch.delenv("FASTADAM_TORCH_HELPER", raising=False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="could not find its source"):
+        ft.Adam([p], lr=0.5).step()
+    assert torch.equal(p.detach(), torch.full((3,), 0.5))
 
 
 def test_the_setting_turns_the_helper_off_or_makes_a_failed_build_an_error(torch, meta, monkeypatch):
@@ -173,6 +272,10 @@ def test_the_setting_turns_the_helper_off_or_makes_a_failed_build_an_error(torch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert meta.api() is None
+    monkeypatch.setattr(meta, "_cached", [])
+    monkeypatch.setenv("FASTADAM_TORCH_HELPER", "off")
+    with pytest.raises(ValueError, match="FASTADAM_TORCH_HELPER='off': use 0"):
+        meta.api()
 
 
 @pytest.mark.slow
@@ -190,4 +293,10 @@ def test_processes_building_the_helper_at_once_all_get_it(torch, helper, tmp_pat
     assert [run.returncode for run in runs] == [0, 0], outs
     built = {out.strip() for out, _ in outs}
     assert len(built) == 1
-    assert [p.name for p in (tmp_path / os.path.basename(built.pop())).iterdir()] == ["fastadam_torch_meta.so"]
+    directory = tmp_path / os.path.basename(built.pop())
+    assert [p.name for p in directory.iterdir()] == ["fastadam_torch_meta.so"]
+    # A damaged cached module is built again, not a reason to go without the helper for good.
+    (directory / "fastadam_torch_meta.so").write_bytes(b"not a shared object")
+    rerun = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (directory / "fastadam_torch_meta.so").read_bytes()[:4] == b"\x7fELF"

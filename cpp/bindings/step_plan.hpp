@@ -78,7 +78,6 @@ private:
         std::vector<Tensor> t;
         // The torch helper (torch_meta.h), or null: then the reads go through torch's Python API.
         const fastadam_torch_meta_api* meta = nullptr;
-        py::object meta_capsule;               // keeps the helper's module alive
         std::vector<fastadam_torch_meta> now;  // this step's reads
         std::vector<fastadam_torch_meta> built;  // the params as the plan was built
     };

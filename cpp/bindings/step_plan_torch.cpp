@@ -126,7 +126,6 @@ void StepPlan::build_torch(py::handle torch) {
         if (t->meta->abi != FASTADAM_TORCH_META_ABI)
             throw_type(fn_ + ": internal error: the torch helper's ABI is " + std::to_string(t->meta->abi) + ", expected " +
                        std::to_string(FASTADAM_TORCH_META_ABI) + " (delete its cache directory)");
-        t->meta_capsule = meta;
         t->now.resize(n);
         t->built.resize(n);
         if (n > 0 && t->meta->read(t->tensors.ptr(), t->built.data()) < 0) throw py::error_already_set();
@@ -158,7 +157,7 @@ std::uintptr_t StepPlan::torch_grad(std::size_t i, PyObject* grad) {
                     attr_is(grad, nm.dtype, t.t[i].dtype.ptr()) && attr_is(grad, nm.layout, t.strided.ptr()) &&
                     attr_is(grad, nm.is_cpu, Py_True) && call_is(grad, nm.is_neg, Py_False) &&
                     call_is(grad, nm.is_contiguous, Py_True) && attr_is(grad, nm.shape, t.t[i].shape.ptr(), true) &&
-                    data_ptr_of(t.data_ptr.ptr(), grad, &ptr);
+                    data_ptr_of(t.data_ptr.ptr(), grad, &ptr) && (ptr != 0 || entries_[i].param.nbytes == 0);
     if (!ok) raise_grad_error(i, grad);
     return ptr;
 }
@@ -183,16 +182,25 @@ std::int64_t StepPlan::torch_count(std::size_t i) const {
 int StepPlan::torch_tensor(std::size_t i) {
     Torch& t = *torch_;
     Torch::Tensor& e = t.t[i];
-    const py::object grad = py::reinterpret_steal<py::object>(PyObject_GetAttr(e.tensor, names().grad));
+    const Names& nm = names();
+    const py::object grad = py::reinterpret_steal<py::object>(PyObject_GetAttr(e.tensor, nm.grad));
     if (!grad) throw py::error_already_set();
     if (grad.is_none()) return 0;
     std::uintptr_t ptr = 0;
     if (!data_ptr_of(t.data_ptr.ptr(), e.tensor, &ptr)) throw py::error_already_set();
-    if (ptr != e.param_ptr || state_missing(i) || (adam_ && e.step == nullptr)) return -1;
-    // The gradient validated last time, at its old address, is reused. A weak reference:
-    // holding it would keep a model's worth of gradients alive across zero_grad(set_to_none=True).
+    // The same memory is not enough: `param.data = param.data.view(...)` keeps the address
+    // with another dtype, shape or layout. Any change makes the plan stale (rebuilt, checked).
+    if (ptr != e.param_ptr || !attr_is(e.tensor, nm.dtype, e.dtype.ptr()) || !attr_is(e.tensor, nm.shape, e.shape.ptr(), true) ||
+        !call_is(e.tensor, nm.is_contiguous, Py_True) || state_missing(i) || (adam_ && e.step == nullptr)) {
+        PyErr_Clear();
+        return -1;
+    }
+    // The gradient validated last time, at its old address, with the same dtype, shape and
+    // layout, is reused. A weak reference: holding it would keep a model's worth of
+    // gradients alive across zero_grad(set_to_none=True).
     bool same = e.grad && weak_target(e.grad.ptr()) == grad.ptr();
-    if (same && !data_ptr_of(t.data_ptr.ptr(), grad.ptr(), &ptr)) {
+    if (same && !(data_ptr_of(t.data_ptr.ptr(), grad.ptr(), &ptr) && attr_is(grad.ptr(), nm.dtype, e.dtype.ptr()) &&
+                  attr_is(grad.ptr(), nm.shape, e.shape.ptr(), true) && call_is(grad.ptr(), nm.is_contiguous, Py_True))) {
         PyErr_Clear();  // the full check names the problem
         same = false;
     }
@@ -213,8 +221,8 @@ int StepPlan::torch_tensor_meta(std::size_t i) {
     Torch& t = *torch_;
     const fastadam_torch_meta &m = t.now[i], &b = t.built[i];
     if (m.grad_state == 0) return 0;
-    if (m.param_ptr != b.param_ptr || m.param_nbytes != b.param_nbytes || m.param_dtype != b.param_dtype || state_missing(i) ||
-        (adam_ && t.t[i].step == nullptr))
+    if (m.param_ptr != b.param_ptr || m.param_nbytes != b.param_nbytes || m.param_dtype != b.param_dtype ||
+        m.param_shape != b.param_shape || state_missing(i) || (adam_ && t.t[i].step == nullptr))
         return -1;
     if (m.grad_state != 1) {
         const py::object grad = py::reinterpret_steal<py::object>(PyObject_GetAttr(t.t[i].tensor, names().grad));

@@ -3,7 +3,6 @@
 // torch.utils.cpp_extension against the torch it runs with (a wheel cannot link one).
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <algorithm>
 #include <exception>
 
 #include "torch_meta.h"
@@ -13,25 +12,20 @@
 
 namespace {
 
+// Memory fastadam can read (and, for a param, write) in place as a flat array.
 bool dense_cpu(const at::Tensor& t) {
     return t.layout() == at::kStrided && t.device().is_cpu() && !t.is_neg() && !t.is_conj() && t.has_storage() &&
-           t.is_contiguous();
+           t.is_contiguous() && (t.data_ptr() != nullptr || t.numel() == 0);  // a wrapper subclass has no memory
 }
 
-// In chunks, one pass per level of the object -> impl -> (storage, autograd meta) ->
-// grad chain, each prefetching the next level, so a chunk's cache misses overlap.
-constexpr Py_ssize_t kChunk = 64;
-
-void prefetch_lines(const void* p, int lines) {
-    for (int line = 0; line < lines; ++line) __builtin_prefetch(static_cast<const char*>(p) + 64 * line);
+// FNV-1a of the sizes: a reshape at the same address makes the plan stale.
+uint64_t shape_key(c10::IntArrayRef sizes) {
+    uint64_t h = 1469598103934665603ull ^ sizes.size();
+    for (const int64_t s : sizes) h = (h ^ static_cast<uint64_t>(s)) * 1099511628211ull;
+    return h;
 }
 
-// What the next pass reads of t: its storage and autograd meta.
-void prefetch_links(const at::Tensor& t) {
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    if (const void* storage = impl->unsafe_storage().unsafeGetStorageImpl()) prefetch_lines(storage, 1);
-    if (const void* meta = impl->autograd_meta()) prefetch_lines(meta, 2);
-}
+void set_error(const char* what) { PyErr_SetString(PyExc_RuntimeError, what); }
 
 int read(PyObject* tensors, fastadam_torch_meta* out) {
     const Py_ssize_t n = PyTuple_GET_SIZE(tensors);
@@ -40,7 +34,8 @@ int read(PyObject* tensors, fastadam_torch_meta* out) {
             const at::Tensor& p = THPVariable_Unpack(PyTuple_GET_ITEM(tensors, i));
             fastadam_torch_meta& m = out[i];
             m.param_dtype = static_cast<int32_t>(p.scalar_type());
-            const bool param_ok = dense_cpu(p);
+            m.param_shape = shape_key(p.sizes());
+            const bool param_ok = dense_cpu(p) && !p.is_inference();  // torch forbids writing inference tensors
             m.param_ptr = param_ok ? reinterpret_cast<uintptr_t>(p.data_ptr()) : 0;
             m.param_nbytes = param_ok ? static_cast<int64_t>(p.nbytes()) : -1;
             m.grad_ptr = 0;
@@ -56,9 +51,11 @@ int read(PyObject* tensors, fastadam_torch_meta* out) {
         }
         return 0;
     } catch (const std::exception& e) {
-        PyErr_SetString(PyExc_RuntimeError, e.what());
-        return -1;
+        set_error(e.what());
+    } catch (...) {  // nothing may unwind through the C interface
+        set_error("fastadam's torch helper: unknown C++ exception");
     }
+    return -1;
 }
 
 int bump_versions(PyObject* tensors, const unsigned char* stepped) {
@@ -67,10 +64,12 @@ int bump_versions(PyObject* tensors, const unsigned char* stepped) {
         for (Py_ssize_t i = 0; i < n; ++i)
             if (stepped[i]) THPVariable_Unpack(PyTuple_GET_ITEM(tensors, i)).unsafeGetTensorImpl()->bump_version();
         return 0;
-    } catch (const std::exception& e) {  // inference tensors have no version counter
-        PyErr_SetString(PyExc_RuntimeError, e.what());
-        return -1;
+    } catch (const std::exception& e) {
+        set_error(e.what());
+    } catch (...) {
+        set_error("fastadam's torch helper: unknown C++ exception");
     }
+    return -1;
 }
 
 const fastadam_torch_meta_api api{FASTADAM_TORCH_META_ABI, read, bump_versions};

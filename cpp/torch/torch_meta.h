@@ -10,16 +10,18 @@
 #include <stdint.h>
 
 #define FASTADAM_TORCH_META_CAPSULE "fastadam.torch_meta.api"
-#define FASTADAM_TORCH_META_ABI 1u
+#define FASTADAM_TORCH_META_ABI 2u
 
 /* What one step needs to know of a parameter and its .grad. */
 typedef struct fastadam_torch_meta {
     uintptr_t param_ptr;  /* data_ptr(), or 0 when param_nbytes is -1 */
-    int64_t param_nbytes; /* nbytes(); -1: not a dense, contiguous, non-negated CPU tensor */
+    int64_t param_nbytes; /* nbytes(); -1: not a dense, contiguous, non-negated CPU tensor
+                             with memory of its own, or an inference tensor */
+    uint64_t param_shape; /* a hash of its sizes, compared only with itself */
     uintptr_t grad_ptr;   /* grad.data_ptr() when grad_state is 1, else 0 */
     int32_t param_dtype;  /* c10::ScalarType, compared only with itself */
-    int32_t grad_state;   /* 0: no grad; 1: dense, contiguous, non-negated CPU tensor of
-                             the param's dtype and sizes; 2: anything else */
+    int32_t grad_state;   /* 0: no grad; 1: dense, contiguous, non-negated CPU tensor with
+                             memory of its own, of the param's dtype and sizes; 2: else */
 } fastadam_torch_meta;
 
 typedef struct fastadam_torch_meta_api {

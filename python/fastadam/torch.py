@@ -147,6 +147,12 @@ def _tensor_error(
         )
     if t.is_neg():
         return ValueError(f"{desc} is a negative view (torch._neg_view): call .resolve_neg() first")
+    if t.data_ptr() == 0 and t.numel() > 0:
+        return TypeError(f"{desc} has no memory of its own (data_ptr() is 0, a tensor subclass): fastadam reads and "
+                         f"writes memory directly; use torch.optim.{torch_name}")
+    if t.is_inference():
+        return TypeError(f"{desc} is an inference tensor (made under torch.inference_mode()), which torch forbids "
+                         "updating in place: create the parameter outside inference mode")
     return ValueError(f"{desc} cannot be updated in place by fastadam")
 
 
@@ -158,7 +164,13 @@ def _ok(t: object, dtypes: tuple[torch.dtype, ...] = _FLOATS) -> bool:
         and t.dtype in dtypes
         and t.is_contiguous()
         and not t.is_neg()
+        and (t.data_ptr() != 0 or t.numel() == 0)  # a wrapper subclass has no memory of its own
     )
+
+
+def _param_ok(p: object, dtypes: tuple[torch.dtype, ...] = _FLOATS) -> bool:
+    # torch forbids in-place updates of inference tensors (made under torch.inference_mode())
+    return _ok(p, dtypes) and isinstance(p, torch.Tensor) and not p.is_inference()
 
 
 _ANY_FLOAT = _FLOATS + _HALF  # Adam's mixed-precision step
@@ -449,7 +461,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
         try:
             dtypes = _ANY_FLOAT if self._takes_half else _FLOATS
             for i, p in enumerate(group["params"]):
-                if not _ok(p, dtypes):
+                if not _param_ok(p, dtypes):
                     raise _tensor_error(
                         p, f"fastadam.torch.{name}: param_groups[{g}]['params'][{i}]", self._torch_name, half_ok=self._takes_half
                     )
@@ -536,7 +548,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
             if self._algorithm.counts_steps:
                 needed = ("step",) + needed
             for i, p in enumerate(group["params"]):
-                if not _ok(p):
+                if not _param_ok(p):
                     raise _tensor_error(p, f"{self._step_name}: param_groups[{g}]['params'][{i}]", self._torch_name)
                 if p.grad is None:
                     continue
@@ -949,7 +961,7 @@ class Adam(_NativeOptimizer):
             self._check_precision(group, f"fastadam.torch.{where}")
             for i, p in enumerate(group["params"]):
                 label = f"param_groups[{g}]['params'][{i}]"
-                if not _ok(p, _ANY_FLOAT):
+                if not _param_ok(p, _ANY_FLOAT):
                     raise _tensor_error(p, f"{name}: {label}", self._torch_name, half_ok=True)
                 grad = p.grad
                 if grad is not None and not (_ok(grad, _ANY_FLOAT) and grad.dtype == p.dtype and grad.shape == p.shape):
