@@ -2,7 +2,7 @@
 
 A torch-mode step reads each parameter's ``.grad``, both data pointers, and bumps the
 parameter's version. Through torch's Python API that costs 300-500 ns per tensor; the
-helper (``torch_meta/torch_meta.cpp`` beside this file) does it in 40-150 ns. It must be
+helper (``torch_meta/torch_meta.cpp`` beside this file) does it in 40-170 ns. It must be
 compiled against the torch it runs with, so it is built on first use with
 ``torch.utils.cpp_extension`` (about 15 s, once per torch version; then loaded from the
 cache). docs/design.md, "The torch helper".
