@@ -2,6 +2,11 @@
 copy out, loss scaling and global-norm clipping give the bits of fastadam.reference on
 every SIMD path and thread count."""
 
+import ctypes
+import ctypes.util
+import platform
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -291,3 +296,68 @@ def test_empty_tensors_and_bf16_offsets_in_the_norm_and_step(mode):
             assert norm == want_norm, (isa, offset)
             for k, (got_tensor, want_tensor) in enumerate(zip(state, want)):
                 assert_same_state(got_tensor, want_tensor, {"isa": isa, "offset": offset, "tensor": k})
+
+
+def _f16_rounding_cases():
+    # Every float whose exponent reaches float16 (subnormal grid to overflow), with every
+    # pattern of the 13 bits a narrowing drops (ties included) under 8 of the kept 10;
+    # and every NaN payload, quieted as the update's arithmetic quiets it.
+    low = np.arange(1 << 13, dtype=np.uint32)
+    high = np.array([0, 1, 2, 0x155, 0x2AA, 0x3FD, 0x3FE, 0x3FF], dtype=np.uint32) << 13
+    exponents = np.arange(0x66, 0x90, dtype=np.uint32) << 23
+    grid = (exponents[:, None, None] | high[None, :, None] | low[None, None, :]).ravel()
+    nans = (np.uint32(0x7F800000) | np.arange(1, 1 << 23, dtype=np.uint32)) | np.uint32(0x00400000)
+    bits = np.concatenate([grid, nans, np.array([0, 0x7F800000, 0x00000001, 0x007FFFFF], dtype=np.uint32)])
+    return np.concatenate([bits, bits | np.uint32(0x80000000)]).view(np.float32)
+
+
+@pytest.mark.slow
+def test_float16_narrowing_is_numpys_on_every_path_for_every_rounding_pattern():
+    values = _f16_rounding_cases()
+    with np.errstate(all="ignore"):
+        want = values.astype(np.float16)
+    zeros = np.zeros_like(values)
+    for isa in fastadam.available_isas():
+        fastadam.set_isa(isa)
+        out = np.zeros(values.size, dtype=np.float16)
+        with np.errstate(all="ignore"):
+            fastadam.adam_step(values.copy(), zeros, zeros.copy(), zeros.copy(), step=1, lr=0.0, param_out=out)
+        assert same_bits(out, want), f"{isa}: {first_difference(out, want)}"
+
+
+def test_every_float16_param_survives_a_step_of_lr_0_on_every_path():
+    # Each of the 65536 halves is widened, updated by nothing and narrowed back: every
+    # path gives it back (a signalling NaN quieted, as the reference's arithmetic does).
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    exp, mant = halves & 0x7C00, halves & 0x03FF
+    want = np.where((exp == 0x7C00) & (mant != 0), halves | 0x0200, halves).view(np.float16)
+    for isa in fastadam.available_isas():
+        fastadam.set_isa(isa)
+        param = halves.view(np.float16).copy()
+        zeros = np.zeros(param.size, dtype=np.float32)
+        with np.errstate(all="ignore"):
+            fastadam.adam_step(param, np.zeros_like(param), zeros, zeros.copy(), step=1, lr=0.0)
+        assert same_bits(param, want), f"{isa}: {first_difference(param, want)}"
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="sets the rounding mode through glibc's fesetround with x86-64's <fenv.h> values")
+def test_float16_narrowing_rounds_to_nearest_even_in_any_rounding_mode():
+    # NumPy's float16 conversion is integer arithmetic, to nearest even whatever the mode;
+    # every path's is too (a float addition once rounded subnormal halves the mode's way).
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    values = _f16_rounding_cases()
+    values = values[np.abs(values) < 2.0**-13]  # subnormal halves and their neighbours
+    with np.errstate(all="ignore"):
+        want = values.astype(np.float16)
+    zeros = np.zeros_like(values)
+    for mode in (0x400, 0x800, 0xC00):  # downward, upward, toward zero
+        for isa in fastadam.available_isas():
+            fastadam.set_isa(isa)
+            out = np.zeros(values.size, dtype=np.float16)
+            assert libm.fesetround(mode) == 0
+            try:
+                fastadam.adam_step(values.copy(), zeros, zeros.copy(), zeros.copy(), step=1, lr=0.0, param_out=out)
+            finally:
+                libm.fesetround(0)
+            assert same_bits(out, want), f"mode {mode:#x}, {isa}: {first_difference(out, want)}"

@@ -60,9 +60,9 @@ inline std::uint32_t rounding_bits(std::uint64_t key, std::int64_t index) {
     return static_cast<std::uint32_t>(mix64(key + (static_cast<std::uint64_t>(index) + 1u) * kGoldenGamma) >> 48);
 }
 
-// float16 (IEEE binary16), NumPy's conversions (npy_half): subnormal halves are
-// converted with one exact float addition or subtraction of a power of two, which
-// needs the default rounding (to nearest) and no flush-to-zero, NumPy's setting too.
+// float16 (IEEE binary16), NumPy's conversions (npy_half): rounding to nearest even in
+// integer arithmetic, whatever the floating-point rounding mode. A subnormal half
+// widens with one exact float subtraction of two normal floats.
 inline float widen_f16(std::uint16_t h) {
     const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
     const std::uint32_t exp = h & 0x7c00u, mant = h & 0x03ffu;
@@ -81,9 +81,16 @@ inline std::uint16_t narrow_f16(float x) {
         if (h == 0x7c00u) h = 0x7c01u;
     } else if (a >= 0x47800000u) {  // >= 65536 or inf (65520..65536 round up below)
         h = 0x7c00u;
-    } else if (a < 0x38800000u) {  // below 2^-14: the float addition rounds to the subnormal grid
-        constexpr std::uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-        h = bits_of(float_of(a) + float_of(magic)) - magic;
+    } else if (a < 0x38800000u) {  // below 2^-14: the subnormal grid, 2^-24 apart
+        if (a < 0x33000000u) {      // at most 2^-25: half the grid's step rounds to even, 0
+            h = 0;
+        } else {
+            const std::uint32_t shift = 126u - (a >> 23);   // 14..24: the bits below the grid
+            const std::uint32_t sig = (a & 0x007fffffu) | 0x00800000u;
+            const std::uint32_t half = 1u << (shift - 1), rest = sig & ((1u << shift) - 1u);
+            h = sig >> shift;
+            h += rest > half || (rest == half && (h & 1u));  // to nearest, ties to even
+        }
     } else {  // normal: rebias, round the 13 dropped bits to nearest even
         h = (a - ((127u - 15u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
     }

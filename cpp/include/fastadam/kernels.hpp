@@ -365,7 +365,7 @@ template <class S>
 inline void widen_as(float* FASTADAM_RESTRICT out, const S* FASTADAM_RESTRICT in, std::int64_t n) {
     std::int64_t i = 0;
 #if defined(FASTADAM_HAVE_F32X16)
-    if constexpr (std::is_same<S, Bf16>::value)
+    if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
         for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
 #endif
     for (; i < n; ++i) out[i] = to_float(in[i]);
@@ -374,7 +374,7 @@ template <class S>
 inline void narrow_as(S* FASTADAM_RESTRICT out, const float* FASTADAM_RESTRICT in, std::int64_t n) {
     std::int64_t i = 0;
 #if defined(FASTADAM_HAVE_F32X16)
-    if constexpr (std::is_same<S, Bf16>::value)
+    if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
         for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
 #endif
     for (; i < n; ++i) from_float(out[i], in[i]);

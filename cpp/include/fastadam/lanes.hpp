@@ -194,6 +194,36 @@ struct Lane<F32x16> : VectorLane {
             _mm512_ternarylogic_epi32(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000), _mm512_set1_epi32(0x7fc0), 0xEA);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
     }
+    // float16 storage (convert.hpp): AVX-512F's conversions round to nearest even whatever
+    // the rounding mode, and keep subnormals, as NumPy's do; NaN lanes get NumPy's bits
+    // (the payload kept as it is), where the hardware would quiet a signalling NaN.
+    static F32x16 load(const F16* p) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m512 f = _mm512_cvt_roundph_ps(h, _MM_FROUND_NO_EXC);  // flags as the scalar code: none
+        const __m512i w = _mm512_cvtepu16_epi32(h);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(w, _mm512_set1_epi32(0x7fff)), _mm512_set1_epi32(0x7c00));
+        if (nan == 0) return {f};
+        const __m512i bits = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x8000)), 16),
+                                             _mm512_or_si512(_mm512_set1_epi32(0x7f800000),
+                                                             _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x3ff)), 13)));
+        return {_mm512_mask_blend_ps(nan, f, _mm512_castsi512_ps(bits))};
+    }
+    static void store(F16* p, F32x16 x) {
+        const __m256i h = _mm512_cvtps_ph(x.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask16 nan = _mm512_cmp_ps_mask(x.r, x.r, _CMP_UNORD_Q);
+        if (nan == 0) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+            return;
+        }
+        // sign | 0x7c00 | the payload's top ten bits, made 1 where they are 0 (never inf)
+        const __m512i u = _mm512_castps_si512(x.r);
+        __m512i payload = _mm512_and_si512(_mm512_srli_epi32(u, 13), _mm512_set1_epi32(0x3ff));
+        payload = _mm512_mask_mov_epi32(payload, _mm512_cmpeq_epi32_mask(payload, _mm512_setzero_si512()), _mm512_set1_epi32(1));
+        const __m512i nan_bits = _mm512_or_si512(
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7c00)), payload);
+        const __m512i merged = _mm512_mask_blend_epi32(nan, _mm512_cvtepu16_epi32(h), nan_bits);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(merged));
+    }
 };
 #endif
 
