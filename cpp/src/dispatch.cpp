@@ -65,14 +65,14 @@ bool cpu_has(Isa isa) {
     cpuid(0, 0, r);
     const unsigned max_leaf = r[0];
     cpuid(1, 0, r);
-    const bool osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1;
+    const bool osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1, f16c = (r[2] >> 29) & 1;
     if (!osxsave || !avx) return false;
     const unsigned long long xcr = xcr0();
     const bool ymm_state = (xcr & 0x6) == 0x6;          // SSE + AVX
     const bool zmm_state = (xcr & 0xe6) == 0xe6;        // + opmask, ZMM_Hi256, Hi16_ZMM
     if (max_leaf < 7) return false;
     cpuid(7, 0, r);
-    if (isa == Isa::avx2) return ymm_state && ((r[1] >> 5) & 1);
+    if (isa == Isa::avx2) return ymm_state && f16c && ((r[1] >> 5) & 1);  // float16 conversions use F16C
     if (isa == Isa::avx512) return zmm_state && ((r[1] >> 16) & 1);  // AVX512F
     return false;
 }

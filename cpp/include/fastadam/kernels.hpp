@@ -367,6 +367,9 @@ inline void widen_as(float* FASTADAM_RESTRICT out, const S* FASTADAM_RESTRICT in
 #if defined(FASTADAM_HAVE_F32X16)
     if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
         for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
+#elif defined(FASTADAM_HAVE_F32X8)
+    if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
+        for (; i + 8 <= n; i += 8) Lane<F32x8>::store(out + i, Lane<F32x8>::load(in + i));
 #endif
     for (; i < n; ++i) out[i] = to_float(in[i]);
 }
@@ -376,6 +379,9 @@ inline void narrow_as(S* FASTADAM_RESTRICT out, const float* FASTADAM_RESTRICT i
 #if defined(FASTADAM_HAVE_F32X16)
     if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
         for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
+#elif defined(FASTADAM_HAVE_F32X8)
+    if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
+        for (; i + 8 <= n; i += 8) Lane<F32x8>::store(out + i, Lane<F32x8>::load(in + i));
 #endif
     for (; i < n; ++i) from_float(out[i], in[i]);
 }

@@ -265,6 +265,37 @@ struct Lane<F32x8> : VectorLane {
         const __m256i quiet = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)),
                                               _mm256_set1_epi32(0x7fc0));
         const __m256i h = _mm256_blendv_epi8(rounded, quiet, nan);
+        store_halves(p, h);
+    }
+    // float16 storage, as Lane<F32x16>'s, with F16C (which the AVX2 path requires).
+    static F32x8 load(const F16* p) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        const __m256 f = _mm256_cvtph_ps(h);
+        const __m256i w = _mm256_cvtepu16_epi32(h);
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7fff)), _mm256_set1_epi32(0x7c00));
+        if (_mm256_testz_si256(nan, nan)) return {f};
+        const __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x8000)), 16),
+                                             _mm256_or_si256(_mm256_set1_epi32(0x7f800000),
+                                                             _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x3ff)), 13)));
+        return {_mm256_blendv_ps(f, _mm256_castsi256_ps(bits), _mm256_castsi256_ps(nan))};
+    }
+    static void store(F16* p, F32x8 x) {
+        const __m128i h = _mm256_cvtps_ph(x.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 nan = _mm256_cmp_ps(x.r, x.r, _CMP_UNORD_Q);
+        if (_mm256_movemask_ps(nan) == 0) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+            return;
+        }
+        const __m256i u = _mm256_castps_si256(x.r);
+        __m256i payload = _mm256_and_si256(_mm256_srli_epi32(u, 13), _mm256_set1_epi32(0x3ff));
+        payload = _mm256_or_si256(payload, _mm256_and_si256(_mm256_cmpeq_epi32(payload, _mm256_setzero_si256()), _mm256_set1_epi32(1)));
+        const __m256i nan_bits = _mm256_or_si256(
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7c00)), payload);
+        store_halves(p, _mm256_blendv_epi8(_mm256_cvtepu16_epi32(h), nan_bits, _mm256_castps_si256(nan)));
+    }
+    // Eight 32-bit lanes that each hold 16 bits, packed (unsigned saturation keeps them) and stored.
+    template <class S>
+    static void store_halves(S* p, __m256i h) {
         const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
     }
