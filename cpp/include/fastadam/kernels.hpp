@@ -364,24 +364,20 @@ inline void with_storage(Storage storage, void* data, F&& f) {
 template <class S>
 inline void widen_as(float* FASTADAM_RESTRICT out, const S* FASTADAM_RESTRICT in, std::int64_t n) {
     std::int64_t i = 0;
-#if defined(FASTADAM_HAVE_F32X16)
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+    constexpr int width = Lane<FloatVector>::width;
     if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
-        for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
-#elif defined(FASTADAM_HAVE_F32X8)
-    if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
-        for (; i + 8 <= n; i += 8) Lane<F32x8>::store(out + i, Lane<F32x8>::load(in + i));
+        for (; i + width <= n; i += width) Lane<FloatVector>::store(out + i, Lane<FloatVector>::load(in + i));
 #endif
     for (; i < n; ++i) out[i] = to_float(in[i]);
 }
 template <class S>
 inline void narrow_as(S* FASTADAM_RESTRICT out, const float* FASTADAM_RESTRICT in, std::int64_t n) {
     std::int64_t i = 0;
-#if defined(FASTADAM_HAVE_F32X16)
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+    constexpr int width = Lane<FloatVector>::width;
     if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
-        for (; i + 16 <= n; i += 16) Lane<F32x16>::store(out + i, Lane<F32x16>::load(in + i));
-#elif defined(FASTADAM_HAVE_F32X8)
-    if constexpr (std::is_same<S, Bf16>::value || std::is_same<S, F16>::value)
-        for (; i + 8 <= n; i += 8) Lane<F32x8>::store(out + i, Lane<F32x8>::load(in + i));
+        for (; i + width <= n; i += width) Lane<FloatVector>::store(out + i, Lane<FloatVector>::load(in + i));
 #endif
     for (; i < n; ++i) from_float(out[i], in[i]);
 }
