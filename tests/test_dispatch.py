@@ -142,14 +142,20 @@ def loads_after_stores(function: str, marker: str) -> tuple[int, list[str]]:
     loads_before_stores prevents. Offsets follow the pointer and index increments
     (add/sub $imm). Returns (loops found, offending instructions). An unconditional jmp
     back is no loop's latch: GCC jumps from the pipelined loop's last group back into
-    the one-vector loop laid out before it."""
+    the one-vector loop laid out before it. Only innermost loops count: a conditional
+    jump back from a cold block laid out after the loops (the tail's element-by-element
+    stores) spans code that no single pass runs."""
     insns = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"^\s*([0-9a-f]+):\s+(.*)$", function, re.M)]
-    loops, bad = 0, []
+    latches = []
     for at, text in insns:
         jump = re.match(r"j(?!mp\b)\w+\s+([0-9a-f]+)\b", text)
-        if not jump or int(jump.group(1), 16) >= at:
+        if jump and int(jump.group(1), 16) < at:
+            latches.append((int(jump.group(1), 16), at))
+    loops, bad = 0, []
+    for start, at in latches:
+        if any(start <= inner_start and inner_at < at for inner_start, inner_at in latches if (inner_start, inner_at) != (start, at)):
             continue
-        body = [t for a, t in insns if int(jump.group(1), 16) <= a <= at]
+        body = [t for a, t in insns if start <= a <= at]
         if not any(marker in t for t in body):
             continue
         loops += 1

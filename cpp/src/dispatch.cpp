@@ -73,7 +73,8 @@ bool cpu_has(Isa isa) {
     if (max_leaf < 7) return false;
     cpuid(7, 0, r);
     if (isa == Isa::avx2) return ymm_state && f16c && ((r[1] >> 5) & 1);  // float16 conversions use F16C
-    if (isa == Isa::avx512) return zmm_state && ((r[1] >> 16) & 1);  // AVX512F
+    // AVX512F, DQ (64-bit multiplies: stochastic rounding's random bits), BW (bf16 packing)
+    if (isa == Isa::avx512) return zmm_state && ((r[1] >> 16) & 1) && ((r[1] >> 17) & 1) && ((r[1] >> 30) & 1);
     return false;
 }
 #endif

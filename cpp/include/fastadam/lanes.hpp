@@ -178,21 +178,30 @@ struct Lane<F32x16> : VectorLane {
     }
     static void store_first(float* p, F32x16 x, int count) { _mm512_mask_storeu_ps(p, first_lanes(count), x.r); }
     static __mmask16 first_lanes(int count) { return static_cast<__mmask16>((1u << count) - 1u); }
-    // bfloat16 storage (convert.hpp): widening is a shift; narrowing is narrow_bf16's
-    // integer rounding in every lane, then a truncating pack (vpmovdw, AVX-512F).
+    // bfloat16 storage (convert.hpp): widening puts each half in a float's top 16 bits;
+    // narrowing is narrow_bf16's integer rounding in every lane, then one word permute
+    // (vpermw, AVX-512BW) of the top halves (docs/performance.md, "Mixed precision").
     static F32x16 load(const Bf16* p) {
-        const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        return {_mm512_castsi512_ps(_mm512_slli_epi32(h, 16))};
+        const __m512i h = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return {_mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, word_to_top_half(), h))};
     }
     static void store(Bf16* p, F32x16 x) {
         const __m512i u = _mm512_castps_si512(x.r);
         const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+        const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
         const __mmask16 nan = _mm512_cmp_ps_mask(x.r, x.r, _CMP_UNORD_Q);
-        // (u >> 16) & 0x8000 | 0x7fc0 in one ternary-logic operation: A & B | C is 0xEA
-        const __m512i quiet =
-            _mm512_ternarylogic_epi32(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000), _mm512_set1_epi32(0x7fc0), 0xEA);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
+        // u & 0x80000000 | 0x7fc00000 in one ternary-logic operation: A & B | C is 0xEA.
+        // (A branch around it puts cold blocks in the loops for no measurable gain.)
+        const __m512i quiet = _mm512_ternarylogic_epi32(u, _mm512_set1_epi32(INT32_MIN), _mm512_set1_epi32(0x7fc00000), 0xEA);
+        const __m512i packed = _mm512_permutexvar_epi16(top_halves(), _mm512_mask_blend_epi32(nan, rounded, quiet));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+    }
+    // word 2i+1 <- word i (the rest zeroed by the load's mask); word i <- word 2i+1
+    static __m512i word_to_top_half() {
+        return _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+    }
+    static __m512i top_halves() {
+        return _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     }
     // float16 storage (convert.hpp): AVX-512F's conversions round to nearest even whatever
     // the rounding mode, and keep subnormals, as NumPy's do; NaN lanes get NumPy's bits
