@@ -74,7 +74,8 @@ def import_or_skip(module, pin, what, required=None):
     except ImportError:
         if in_ci() if required is None else required:
             pytest.fail(f"{module} is not importable but this run requires it: .ci/run must install {pin}")
-        pytest.skip(f"{module} is not installed (pip install {pin}) -- {what} not run")
+        # allow_module_level: test files that need the module throughout call this at import
+        pytest.skip(f"{module} is not installed (pip install {pin}) -- {what} not run", allow_module_level=True)
 
 
 def torch_or_skip():

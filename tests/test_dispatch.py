@@ -93,7 +93,9 @@ def test_default_threads_follow_omp_num_threads():
 
 
 def disassembly():
-    objdump = shutil.which("objdump")
+    # Under qemu-user (.ci/aarch64.sh) the host's objdump is x86-only; the cross binutils'
+    # one reads the aarch64 module (and runs natively when this emulated Python calls it).
+    objdump = (os.uname().machine == "aarch64" and shutil.which("aarch64-linux-gnu-objdump")) or shutil.which("objdump")
     if objdump is None:
         if in_ci():
             pytest.fail("objdump (binutils) is missing in CI")
@@ -130,6 +132,25 @@ def test_each_path_uses_its_registers_and_no_fma():
         if isa == "avx512":
             assert "vrsqrt14ps" in text, "the avx512 Adam kernel does not take any square root by FMA"
         assert not re.search(r"call\s.*sqrt", text), f"{isa} Adam kernel calls libm sqrt (errno): -fno-math-errno is missing"
+
+
+@pytest.mark.skipif(os.uname().machine != "aarch64" or not sys.platform.startswith("linux"),
+                    reason="checks the Linux aarch64 build with GNU objdump (.ci/aarch64.sh runs it under qemu)")
+def test_aarch64_kernel_is_neon_with_ieee_sqrt_and_div_and_no_fma():
+    # The baseline path on aarch64 is GCC's auto-vectorisation to NEON: packed square roots
+    # and divisions of 4 floats and 2 doubles, and no fused multiply-add anywhere in the
+    # kernel (-ffp-contract=off: a contraction would change the bits).
+    functions = disassembly()
+    kernel = {name: body for name, body in functions.items() if "fastadam::" in name}
+    adam = "\n".join(body for name, body in kernel.items() if re.search(r"fastadam::baseline::adam_", name))
+    assert adam, "no fastadam::baseline::adam_* functions in the module"
+    for op in ("fsqrt", "fdiv"):
+        for lanes in ("4s", "2d"):
+            assert re.search(rf"\b{op}\s+v\d+\.{lanes}", adam), f"the Adam kernel has no NEON {op} on .{lanes}: not vectorised"
+    for name, body in kernel.items():
+        fmas = re.findall(r"^\s*[0-9a-f]+:\s+(fn?m(?:add|sub)|fml[as])\s.*$", body, re.M)
+        assert not fmas, f"{name}: {len(fmas)} fused multiply-adds ({fmas[:3]}): -ffp-contract=off is missing"
+    assert not re.search(r"\bbl\s.*sqrt", adam), "the Adam kernel calls libm sqrt (errno): -fno-math-errno is missing"
 
 
 MEMORY_OPERAND = re.compile(r"(-?0x[0-9a-f]+)?\((%\w+)(?:,(%\w+),(\d))?\)")

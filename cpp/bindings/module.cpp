@@ -8,6 +8,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cfenv>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -79,6 +80,11 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
           "A step never uses more threads than the CPUs this process may run on. Results are bit-identical for every n.");
     m.def("get_num_threads", &fastadam::get_num_threads, "The number of threads a large step uses.");
     m.def("has_openmp", &fastadam::has_openmp, "Whether this build has OpenMP (else every step runs on one thread).");
+    // This platform's <fenv.h> values, for the tests that set rounding modes and read flags.
+    m.attr("_fenv") = py::dict(py::arg("FE_TONEAREST") = FE_TONEAREST, py::arg("FE_DOWNWARD") = FE_DOWNWARD,
+                               py::arg("FE_UPWARD") = FE_UPWARD, py::arg("FE_TOWARDZERO") = FE_TOWARDZERO,
+                               py::arg("FE_INVALID") = FE_INVALID, py::arg("FE_DIVBYZERO") = FE_DIVBYZERO,
+                               py::arg("FE_OVERFLOW") = FE_OVERFLOW);
     m.attr("min_elements_per_thread") = fastadam::kMinElementsPerThread;
     m.attr("min_elements_to_wake") = fastadam::kMinElementsToWake;
 

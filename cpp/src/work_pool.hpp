@@ -30,6 +30,14 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define FASTADAM_PAUSE() _mm_pause()
+#elif defined(__aarch64__) && defined(__GNUC__)
+// isb, not yield: yield is a no-op on Arm cores without SMT (nearly all), while isb
+// stalls the front end for tens of cycles, as x86's pause does (Rust's spin_loop, Go's
+// procyield and several databases switched to it: rust-lang/rust#84725).
+#define FASTADAM_PAUSE() __asm__ __volatile__("isb" ::: "memory")
+#elif defined(_M_ARM64)
+#include <intrin.h>
+#define FASTADAM_PAUSE() __isb(_ARM64_BARRIER_SY)
 #else
 #define FASTADAM_PAUSE() std::this_thread::yield()
 #endif

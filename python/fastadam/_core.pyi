@@ -11,6 +11,7 @@ _Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 _AnyArray = _Array | npt.NDArray[np.float16] | npt.NDArray[Any]
 
 min_elements_per_thread: int
+_fenv: dict[str, int]  # this platform's <fenv.h> rounding modes and exception flags
 min_elements_to_wake: int
 
 def adam_step(
