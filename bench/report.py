@@ -93,7 +93,7 @@ def _cpu_flags() -> list[str]:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    wanted = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl")
+                    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl")
                     have = set(line.split(":", 1)[1].split())
                     return [w for w in wanted if w in have]
     except OSError:

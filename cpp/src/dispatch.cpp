@@ -73,8 +73,10 @@ bool cpu_has(Isa isa) {
     if (max_leaf < 7) return false;
     cpuid(7, 0, r);
     if (isa == Isa::avx2) return ymm_state && f16c && ((r[1] >> 5) & 1);  // float16 conversions use F16C
-    // AVX512F, DQ (64-bit multiplies: stochastic rounding's random bits), BW (bf16 packing)
-    if (isa == Isa::avx512) return zmm_state && ((r[1] >> 16) & 1) && ((r[1] >> 17) & 1) && ((r[1] >> 30) & 1);
+    // AVX512F, DQ (64-bit multiplies: stochastic rounding's random bits), BW (bf16 packing);
+    // CD and VL too, which MSVC's /arch:AVX512 may use (every CPU with BW and DQ has them)
+    constexpr unsigned avx512 = 1u << 16 | 1u << 17 | 1u << 28 | 1u << 30 | 1u << 31;
+    if (isa == Isa::avx512) return zmm_state && (r[1] & avx512) == avx512;
     return false;
 }
 #endif
@@ -146,6 +148,19 @@ int usable_cpus() {
     }();
     return n;
 }
+
+// What a step would otherwise initialise on first use (function-local statics, the pool
+// and its fork handlers), initialised when the library loads: a fork() while another
+// thread's first step was inside one of these left the child blocked for ever on the
+// static's guard or on the pool's lock, copied held before the handlers were registered
+// (seen under qemu-user, where first runs are slow; docs/design.md, "Threads, signals,
+// fork and exit").
+[[maybe_unused]] const bool g_initialised_at_load = [] {
+    (void)is_available(Isa::baseline);
+    (void)usable_cpus();
+    (void)WorkPool::instance();
+    return true;
+}();
 
 // The thread count follows OpenMP's settings unless set_num_threads() chose one.
 int max_threads(int requested) {

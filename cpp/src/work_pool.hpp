@@ -32,8 +32,8 @@
 #define FASTADAM_PAUSE() _mm_pause()
 #elif defined(__aarch64__) && defined(__GNUC__)
 // isb, not yield: yield is a no-op on Arm cores without SMT (nearly all), while isb
-// stalls the front end for tens of cycles, as x86's pause does (Rust's spin_loop, Go's
-// procyield and several databases switched to it: rust-lang/rust#84725).
+// stalls the front end for tens of cycles, as x86's pause does (Rust's spin_loop and
+// several databases switched to it: rust-lang/rust#84725).
 #define FASTADAM_PAUSE() __asm__ __volatile__("isb" ::: "memory")
 #elif defined(_M_ARM64)
 #include <intrin.h>

@@ -13,6 +13,9 @@
 #include "fastadam/convert.hpp"
 
 #if defined(__AVX512F__)
+#if !defined(_MSC_VER) && !(defined(__AVX512BW__) && defined(__AVX512DQ__))
+#error "the AVX-512 path needs AVX-512BW (bf16 packing) and DQ (64-bit multiplies): -mavx512f -mavx512bw -mavx512dq"
+#endif
 #include <immintrin.h>
 #define FASTADAM_HAVE_F32X16 1
 #elif defined(__AVX2__)
