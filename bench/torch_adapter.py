@@ -4,7 +4,8 @@ Also fastadam.torch.Adam without its torch helper (fastadam/_torch_meta.py), rea
 tensor through torch's Python API, as it does where the helper cannot be built.
 Each case builds the same fp32 parameters and gradients for each contender (own memory per
 contender) and times whole ``step()`` calls, interleaved: every round times each
-contender in turn for about ``--sample-ms``; the table gives the median over rounds.
+contender in turn for about ``--sample-ms``, after ``--settle-ms`` of its untimed steps; the
+table gives the median over rounds.
 
 Cases (issue 14's table): 1000 tensors x 1000, GPT-2 small (148 tensors, 124M params),
 one tensor of 1e4 and of 1e6; and "1000 x 1000, new grads": the training loop as torch
@@ -116,7 +117,7 @@ def _steps_for(fn: Callable[[], None], seconds: float) -> int:
         n *= 4
 
 
-def measure(shapes: list[tuple[int, ...]], new_grads: bool, rounds: int, sample_s: float) -> dict[str, float]:
+def measure(shapes: list[tuple[int, ...]], new_grads: bool, rounds: int, sample_s: float, settle_s: float) -> dict[str, float]:
     """Median seconds per step of each contender, interleaved over ``rounds``."""
     fns = _contenders(shapes, new_grads)
     steps = {}
@@ -126,6 +127,12 @@ def measure(shapes: list[tuple[int, ...]], new_grads: bool, rounds: int, sample_
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            # untimed steps first: torch's OpenMP threads spin on after its steps and would
+            # bill the next contender (bench.py's --settle-time)
+            settle_end = time.perf_counter() + settle_s
+            fn()
+            while time.perf_counter() < settle_end:
+                fn()
             t0 = time.perf_counter()
             for _ in range(steps[name]):
                 fn()
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--sample-ms", type=float, default=50.0)
+    ap.add_argument("--settle-ms", type=float, default=10.0,
+                    help="untimed steps (at least one) before each timed sample (default 10 ms)")
     ap.add_argument("--quick", action="store_true", help="no GPT-2 case, 3 rounds of 5 ms")
     args = ap.parse_args(argv)
     rounds, sample_s = (3, 0.005) if args.quick else (args.rounds, args.sample_ms / 1e3)
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
           "| without the torch helper | its / fastadam.Adam |")
     print("|---|---|---|---|---|---|---|---|")
     for label, shapes, new_grads in cases:
-        t = measure(shapes, new_grads, rounds, sample_s)
+        t = measure(shapes, new_grads, rounds, sample_s, args.settle_ms / 1e3)
         ft, tf, fa, nh = t["fastadam.torch"], t["torch fused"], t["fastadam.Adam"], t[NO_HELPER]
         print(f"| {label} | {_fmt(tf)} | {_fmt(ft)} | {tf / ft:.2f}x | {_fmt(fa)} | {ft / fa:.2f} | {_fmt(nh)} | {nh / fa:.2f} |",
               flush=True)

@@ -83,6 +83,19 @@ def test_master_weights_follow_fp32_adamw_on_the_masters():
             assert same_bits(p.detach().view(torch.int16).numpy(), master.to(torch.bfloat16).view(torch.int16).numpy())
 
 
+def resync(opt, ref, ours, theirs, ref_params):
+    """Torch's side starts the next step from ours (params, masters, states): each step is
+    compared alone. torch's fused kernel rounds differently (FMA), and over many steps the
+    two trajectories drift apart by more than one step's rounding, by amounts that depend
+    on which of torch's CPU kernels runs."""
+    with torch.no_grad():
+        for p, q, r in zip(ours.parameters(), theirs.parameters(), ref_params):
+            r.copy_(opt.state[p].get("master_param", p))
+            q.copy_(r.to(q.dtype))
+            for key in ("exp_avg", "exp_avg_sq"):
+                ref.state[r][key].copy_(opt.state[p][key])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grad_scaler_skips_the_steps_torch_fused_skips(dtype):
     # inf gradients at steps 3 and 7: GradScaler finds them, both optimizers skip, the scale halves
@@ -117,6 +130,7 @@ def test_grad_scaler_skips_the_steps_torch_fused_skips(dtype):
             want = q.detach().to(dtype) if dtype == torch.bfloat16 else q.detach()
             tol = bf16_ulp(want) if dtype == torch.bfloat16 else 1e-5 * want.abs().clamp_min(1e-3)
             assert bool(((p.detach().float() - want.float()).abs() <= tol).all())
+        resync(opt, ref, ours, theirs, ref_params)
     assert [i for i, s in enumerate(skipped) if s] == [3, 7]
     p0 = next(ours.parameters())
     assert float(opt.state[p0]["step"]) == 10 == float(ref.state[ref_params[0]]["step"])
@@ -136,7 +150,8 @@ def test_max_grad_norm_is_clip_grad_norm_then_the_step():
         ref.step()
         assert abs(opt.last_grad_norm - float(total)) <= 1e-5 * float(total)
         for p, q in zip(ours.parameters(), theirs.parameters()):
-            assert float(((p - q).abs() / q.abs().clamp_min(1e-3)).max().detach()) < 1e-4
+            assert float(((p - q).abs() / q.abs().clamp_min(1e-3)).max().detach()) < 1e-5
+        resync(opt, ref, ours, theirs, list(theirs.parameters()))
     assert clipped > STEPS // 2  # the clipping was exercised
 
 
