@@ -18,7 +18,7 @@ THREADS = [1, 2, 3]
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
-    unsigned = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]  # bfloat16 and float16: 2
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]  # bfloat16 and float16: 2; codes: 1
     return np.ascontiguousarray(a).view(unsigned).ravel()
 
 

@@ -178,6 +178,51 @@ void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle
     for (int k = 0; k < n; ++k) footprint.add(out[k], slots[k], i);
 }
 
+QuantizedBuffers check_quantized(py::handle h, const ArgName& arg, std::int64_t size, bool is_signed) {
+    const std::string what = arg.str();
+    PyObject* t = h.ptr();
+    QuantizedBuffers q;
+    PyObject* bits = PyTuple_GET_ITEM(t, 2);
+    const long b = PyLong_Check(bits) && !PyBool_Check(bits) ? PyLong_AsLong(bits) : -1;
+    if (b != 8 && b != 4)
+        throw_value(what + " is a QuantizedState with bits=" + py::repr(bits).cast<std::string>() + "; quantized states have 8 or 4 bits a code");
+    q.bits = static_cast<int>(b);
+    PyObject* sign = PyTuple_GET_ITEM(t, 3);
+    if (!PyBool_Check(sign) || (sign == Py_True) != is_signed)
+        throw_value(what + " is a QuantizedState with signed=" + py::repr(sign).cast<std::string>() + "; exp_avg takes the signed book " +
+                    "(signed=True) and exp_avg_sq the unsigned one (signed=False): QuantizedState.zeros(n, bits=..., signed=...)");
+    const std::int64_t block = b == 4 ? 128 : 256;
+    const std::int64_t want_codes = b == 8 ? size : (size + 1) / 2, want_blocks = (size + block - 1) / block;
+    const auto take = [&](int k, const char* field, bool uint8, std::int64_t want) {
+        py::handle a = PyTuple_GET_ITEM(t, k);
+        const std::string name = what + "." + field;
+        if (!py::isinstance<py::array>(a)) throw_type(name + " must be a numpy.ndarray, got " + type_name(a));
+        auto arr = py::reinterpret_borrow<py::array>(a);
+        const int num = arr.dtype().num();
+        if (num != (uint8 ? py::detail::npy_api::NPY_UBYTE_ : py::detail::npy_api::NPY_FLOAT_) ||
+            (!uint8 && !native_byte_order(arr.dtype().byteorder())))
+            throw_type(name + " has dtype " + std::string(py::str(arr.dtype())) + "; " + field + " is " +
+                       (uint8 ? "uint8" : "float32 in native byte order"));
+        if (!(arr.flags() & py::array::c_style) || !(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+            throw_value(name + " is not C-contiguous and aligned; fastadam writes it in place: pass numpy.ascontiguousarray(x) and keep it");
+        if (!arr.writeable()) throw_value(name + " is read-only; fastadam writes it in place: pass a writeable array");
+        if (static_cast<std::int64_t>(arr.size()) != want)
+            throw_value(name + " has " + std::to_string(arr.size()) + " elements but a " + std::to_string(b) + "-bit state of " +
+                        std::to_string(size) + " elements has " + std::to_string(want) + " (" +
+                        (uint8 ? (b == 8 ? "one code a byte" : "two codes a byte") : "one absmax per block of " + std::to_string(block)) +
+                        "); a state of another size or block size cannot be used for this param");
+        Buffer out;
+        out.data = static_cast<char*>(arr.mutable_data());
+        out.size = arr.size();
+        out.nbytes = static_cast<std::int64_t>(arr.nbytes());
+        out.obj = a.ptr();
+        return out;
+    };
+    q.codes = take(0, "codes", true, want_codes);
+    q.absmax = take(1, "absmax", false, want_blocks);
+    return q;
+}
+
 bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* when) {
     if (needed && h.is_none())
         throw_value(arg.str() + " is required with " + when + ": pass an array of zeros shaped like param, kept across steps");

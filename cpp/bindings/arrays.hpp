@@ -128,6 +128,17 @@ void validate_tensor(const char* fn, std::size_t i, bool multi, const py::handle
 // `needed`. Returns whether it takes part.
 bool check_optional(py::handle h, bool needed, const ArgName& arg, const char* when);
 
+// A fastadam.QuantizedState (a tuple: codes, absmax, bits, signed) in place of a state array.
+inline bool is_quantized_state(py::handle h) { return PyTuple_Check(h.ptr()) && PyTuple_GET_SIZE(h.ptr()) == 4; }
+struct QuantizedBuffers {
+    Buffer codes, absmax;
+    int bits = 8;
+};
+// The state of a tensor of `size` elements: codes uint8 of size elements (8 bits) or
+// (size + 1) / 2 (4 bits), absmax float32 of one per block, both C-contiguous and
+// writeable; `is_signed` the book the slot takes (exp_avg signed, exp_avg_sq not).
+QuantizedBuffers check_quantized(py::handle h, const ArgName& arg, std::int64_t size, bool is_signed);
+
 // Optimizer construction: every param is a writeable float array and no two share memory.
 void check_params(py::handle params, const std::string& fn, bool narrow_ok = false);
 

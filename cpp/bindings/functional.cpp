@@ -136,7 +136,9 @@ void check_adam_dtypes(const Buffer* b, int states, bool has_out, const char* fn
         throw_type(name(kGrad).str() + " has dtype " + dtype_name(g) + " but " + name(kParam).bare() + " has dtype " + dtype_name(p) +
                    "; a gradient has its param's dtype, or is bfloat16/float16 for a float32 param (fp32 master weights)");
     static constexpr Slot kStateSlots[3] = {kExpAvg, kExpAvgSq, kMaxExpAvgSq};
-    const DType s = b[2].dtype;
+    if (p == DType::f64 && states == 0)  // quantized states
+        throw_type(name(kParam).str() + " is float64; quantized states are for float32, bfloat16 and float16 params");
+    const DType s = states > 0 ? b[2].dtype : DType::f32;
     for (int k = 0; k < states; ++k) {
         const DType d = b[2 + k].dtype;
         if (d != s)
@@ -184,6 +186,9 @@ struct Batch {
     // arrays: param, grad, then the state in slot order (None where not given), then
     // param_out (Adam; None or absent when not given).
     void add(std::size_t i, const py::handle* arrays, std::int64_t step, const typename A::Hyper* h) {
+        if constexpr (std::is_same_v<A, Adam>) {
+            if (is_quantized_state(arrays[2]) || is_quantized_state(arrays[3])) return add_quantized(i, arrays, step, h);
+        }
         Slot slots[kArrays] = {kParam, kGrad};
         int used = 2;
         for (int k = 0; k < A::kStates; ++k) {
@@ -234,6 +239,50 @@ struct Batch {
         }
         const std::uint32_t slot = tensors.add(b[0].dtype, b[0].data, state, b[0].size, h);
         tensors.set_listed(b[0].dtype, slot, b[1].data, step);
+    }
+
+    // Adam with QuantizedState exp_avg and exp_avg_sq (docs/design.md, "Quantized states").
+    void add_quantized(std::size_t i, const py::handle* arrays, std::int64_t step, const AdamHyperparams* h) {
+        const auto name = [&](Slot slot) { return ArgName{fn, slot, i, multi, labels}; };
+        for (int k = 2; k < 4; ++k)
+            if (!is_quantized_state(arrays[k]))
+                throw_type(name(k == 2 ? kExpAvg : kExpAvgSq).str() + " is " + type_name(arrays[k]) + " but " +
+                           name(k == 2 ? kExpAvgSq : kExpAvg).bare() +
+                           " is a QuantizedState; a param's exp_avg and exp_avg_sq are both quantized (with the same bits) or both arrays");
+        if (h->amsgrad)
+            throw_value(name(kExpAvg).str() + " is a QuantizedState, which amsgrad=True does not take (its max_exp_avg_sq has no "
+                        "quantized form); use float32 or bfloat16 states for amsgrad");
+        if (!arrays[4].is_none()) check_optional(arrays[4], false, name(kMaxExpAvgSq), "amsgrad=True");
+        const bool has_out = !arrays[5].is_none();
+        Slot slots[3] = {kParam, kGrad, kParamOut};
+        const py::handle ordered[3] = {arrays[0], arrays[1], arrays[5]};
+        Buffer b[3];
+        validate_tensor(fn, i, multi, ordered, slots, has_out ? 3 : 2, footprint, b, true, labels);
+        check_adam_dtypes(b, 0, has_out, fn, i, multi, labels);
+        const QuantizedBuffers m = check_quantized(arrays[2], name(kExpAvg), b[0].size, true);
+        const QuantizedBuffers v = check_quantized(arrays[3], name(kExpAvgSq), b[0].size, false);
+        if (m.bits != v.bits)
+            throw_value(name(kExpAvg).str() + " has " + std::to_string(m.bits) + "-bit codes but " + name(kExpAvgSq).bare() + " " +
+                        std::to_string(v.bits) + "-bit ones; a param's two states have the same bits");
+        for (const Buffer* q : {&m.codes, &m.absmax}) footprint.add(*q, kExpAvg, i);
+        for (const Buffer* q : {&v.codes, &v.absmax}) footprint.add(*q, kExpAvgSq, i);
+        AdamMixedTensor& t = mixed.emplace_back();
+        t.param = b[0].data;
+        t.grad = b[1].data;
+        t.exp_avg = m.codes.data;
+        t.exp_avg_sq = v.codes.data;
+        t.exp_avg_absmax = reinterpret_cast<float*>(m.absmax.data);
+        t.exp_avg_sq_absmax = reinterpret_cast<float*>(v.absmax.data);
+        t.state_bits = m.bits;
+        t.param_out = has_out ? b[2].data : nullptr;
+        t.param_dtype = storage_of(b[0].dtype);
+        t.grad_dtype = storage_of(b[1].dtype);
+        if (has_out) t.param_out_dtype = storage_of(b[2].dtype);
+        t.size = b[0].size;
+        t.step = step;
+        t.hyper = h;
+        t.transform = checks_grads ? &transform : nullptr;
+        if (checks_grads) grads.push_back(GradView{b[1].data, storage_of(b[1].dtype), b[1].size});
     }
 
     // Every array is validated: check overlaps, then (grad_scale / max_grad_norm) the norm

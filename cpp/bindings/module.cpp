@@ -17,6 +17,7 @@
 #include "fastadam/fastadam.hpp"
 #include "functional.hpp"
 #include "hyper.hpp"
+#include "quantized.hpp"
 #include "step_guard.hpp"
 #include "step_plan.hpp"
 #define FASTADAM_CAPI_NO_IMPORT  // this module exports the table; it does not import it
@@ -60,6 +61,7 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     m.def("_check_group", &fb::check_group, py::arg("kind"), py::arg("group"), py::arg("where"));
     m.def("_hyper_names", &fb::hyper_names, py::arg("kind"));
     m.def("_lane_sqrt", &fb::lane_sqrt, py::arg("x"), py::arg("out"), py::arg("estimate") = py::none());
+    fb::register_quantized(m);
 
     m.def("available_isas", [] {
         py::list out;

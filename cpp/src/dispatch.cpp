@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -180,12 +181,25 @@ struct Listed {
     const Tensor& at(std::size_t k, Tensor&) const { return tensors[k]; }
 };
 
-// Bytes per element of a tensor's param, on whose cache lines the units start.
+// Where a unit may start in a tensor: at local element i with (phase + i) % period == 0.
+// On the param's 64-byte lines, so that two threads never write one line; with quantized
+// states on a block's first element, whose absmax one thread computes.
+struct UnitGrid {
+    std::int64_t phase, period;
+};
 template <class T>
-std::int64_t param_bytes(const AdamTensor<T>&) { return sizeof(T); }
+UnitGrid line_grid(const T* param) {
+    return {static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(param) / sizeof(T)), static_cast<std::int64_t>(64 / sizeof(T))};
+}
 template <class T>
-std::int64_t param_bytes(const SgdTensor<T>&) { return sizeof(T); }
-std::int64_t param_bytes(const AdamMixedTensor& t) { return storage_bytes(t.param_dtype); }
+UnitGrid unit_grid(const AdamTensor<T>& t) { return line_grid(t.param); }
+template <class T>
+UnitGrid unit_grid(const SgdTensor<T>& t) { return line_grid(t.param); }
+UnitGrid unit_grid(const AdamMixedTensor& t) {
+    if (t.state_bits != 0) return {0, quant_block(t.state_bits)};
+    const std::int64_t bytes = storage_bytes(t.param_dtype);
+    return {static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(t.param)) / bytes, 64 / bytes};
+}
 
 template <class T>
 void set_step(AdamTensor<T>& t, std::int64_t step) { t.step = step; }
@@ -255,16 +269,15 @@ void for_each_share(const Source& source, std::size_t count, int num_threads, Ma
     std::vector<std::int64_t> offsets(count + 1, 0);
     for (std::size_t k = 0; k < count; ++k) offsets[k + 1] = offsets[k] + source.size(k);
     // Global index where unit `part` of `parts` starts; monotone in `part` because
-    // each unit is far longer than a cache line.
+    // each unit is far longer than a cache line or a quantized block.
     auto unit_start = [&](int part, int parts) -> std::int64_t {
         if (part >= parts) return total;
         const std::int64_t raw = (total / parts) * part + std::min<std::int64_t>(part, total % parts);
         // The last tensor starting at or before raw (a skipped tensor has none of its own).
         const std::size_t k = static_cast<std::size_t>(std::upper_bound(offsets.begin(), offsets.end(), raw) - offsets.begin()) - 1;
         const std::int64_t local = raw - offsets[k];
-        const std::int64_t bytes = param_bytes(source.tensors[k]), line = 64 / bytes;
-        const auto first = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(source.tensors[k].param)) / bytes;
-        const std::int64_t aligned = local - (first + local) % line;
+        const UnitGrid grid = unit_grid(source.tensors[k]);
+        const std::int64_t aligned = local - (grid.phase + local) % grid.period;
         return offsets[k] + std::max<std::int64_t>(aligned, 0);
     };
     // Units of about FASTADAM_UNIT_ELEMENTS (65536: ~15 us of work for one core in
@@ -446,6 +459,51 @@ void sgd_step(const SgdTensor<double>* t, const double* const* grads, const std:
 
 void lane_sqrt(const float* x, const float* estimate, float* out, std::int64_t n, Isa isa) {
     checked_table(isa).sqrt_f32(x, estimate, out, n);
+}
+
+void quantize_blockwise(const float* x, std::int64_t n, std::uint8_t* codes, float* absmax, const QuantMap& book) {
+    checked_table(active_isa()).quantize_blockwise(x, n, codes, absmax, book);
+}
+void dequantize_blockwise(const std::uint8_t* codes, const float* absmax, std::int64_t n, float* out, const QuantMap& book) {
+    checked_table(active_isa()).dequantize_blockwise(codes, absmax, n, out, book);
+}
+
+void quantize_codes(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book, Isa isa) {
+    checked_table(isa).quantize_codes(x, codes, n, book);
+}
+
+std::int64_t quantizer_mismatches(const QuantMap& book, Isa isa, std::int64_t every, std::uint32_t* first) {
+    const KernelTable& table = checked_table(isa);
+    constexpr std::uint32_t chunk = 1u << 16;
+    std::vector<std::uint32_t> bits(chunk);
+    std::vector<std::uint8_t> codes(chunk);
+    const float* thresholds = book.thresholds;
+    const int count = (1 << book.bits) - 1;
+    const auto expected = [&](std::uint32_t b) {
+        float x;
+        std::memcpy(&x, &b, 4);
+        return x != x ? count : static_cast<int>(std::upper_bound(thresholds, thresholds + count, x) - thresholds);
+    };
+    std::int64_t mismatches = 0;
+    // Chunks of consecutive bit patterns are monotone in value (each sign apart): where the
+    // first and last element have one code and no NaN is inside, every element has it.
+    // (Every chunk that holds a threshold is checked, and every `every`-th of the others.)
+    for (std::uint64_t start = 0, index = 0; start < (std::uint64_t{1} << 32); start += chunk, ++index) {
+        const std::uint32_t magnitude = static_cast<std::uint32_t>(start) & 0x7fffffffu;
+        const bool has_nan = magnitude + chunk - 1 > 0x7f800000u;
+        const int lo = expected(static_cast<std::uint32_t>(start)), hi = expected(static_cast<std::uint32_t>(start) + chunk - 1);
+        if (!has_nan && lo == hi && index % static_cast<std::uint64_t>(every) != 0) continue;
+        for (std::uint32_t k = 0; k < chunk; ++k) bits[k] = static_cast<std::uint32_t>(start) + k;
+        table.quantize_codes(reinterpret_cast<const float*>(bits.data()), codes.data(), chunk, book);
+        for (std::uint32_t k = 0; k < chunk; ++k) {
+            const int want = !has_nan && lo == hi ? lo : expected(bits[k]);
+            if (codes[k] != want) {
+                if (mismatches == 0 && first != nullptr) *first = bits[k];
+                ++mismatches;
+            }
+        }
+    }
+    return mismatches;
 }
 
 void adam_step(const AdamMixedTensor* t, std::size_t n, Isa isa, int threads) { run_adam_mixed(t, n, checked_table(isa), threads); }

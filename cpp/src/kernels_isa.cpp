@@ -16,6 +16,9 @@ extern const KernelTable kernel_table = {
     &lane_sqrt_f32,
     &adam_mixed_segment,
     &grad_sq_block,
+    &quantize_codes,
+    &quantize_blockwise,
+    &dequantize_blockwise,
 };
 
 }  // namespace FASTADAM_ISA_NS

@@ -25,12 +25,14 @@ from ._core import (
 )
 from ._version import __version__
 from .optim import SGD, Adam, AdamW, Optimizer
+from .quantized import QuantizedState
 
 __all__ = [
     "Adam",
     "AdamW",
     "SGD",
     "Optimizer",
+    "QuantizedState",
     "adam_step",
     "adam_step_multi",
     "sgd_step",

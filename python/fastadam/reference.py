@@ -47,6 +47,21 @@ With a stochastic-rounding seed (bfloat16 params), the updated param is rounded 
 truncated; the random bits of element ``i`` at step ``t`` are the top 16 bits of
 splitmix64's output for the counter ``mix64(seed * gamma + t) + (i + 1) * gamma``.
 
+Blockwise-quantized states (8-bit and 4-bit, ``QuantizedState``; Dettmers et al., "8-bit
+Optimizers via Block-wise Quantization", 2022): each block of ``QUANT_BLOCK[bits]``
+elements of a state (256 for 8 bits, 128 for 4; the last block of a tensor may be
+shorter) is stored as one code per element and one float32 ``absmax``. A step
+dequantizes, runs the float32 step above, and quantizes the new values::
+
+    x = quant_map(bits, signed)[code] * absmax        # dequantize (float32 multiply)
+    absmax = max(|x| over the block)                  # NaN if the block holds a NaN
+    inv = 0 if absmax == 0 else float32(1) / absmax
+    code = number of thresholds t <= x * inv          # the nearest code; a value exactly
+                                                      # halfway goes to the larger code; NaN: the last code
+
+``exp_avg`` uses the signed map, ``exp_avg_sq`` the unsigned one (``quant_map``).
+The param update uses the float32 moments of this step, before they are quantized.
+
 SGD, per element (torch.optim.SGD)::
 
     g = -grad if maximize else grad                   # (not with weight decay: next line)
@@ -63,7 +78,12 @@ import math
 
 import numpy as np
 
-__all__ = ["adam_step", "adam_step_multi", "grad_sq_sum", "sgd_step", "stochastic_round_bf16"]
+from .quantized import QUANT_BLOCK, QuantizedState
+
+__all__ = [
+    "QUANT_BLOCK", "adam_step", "adam_step_multi", "dequantize_blockwise", "grad_sq_sum", "quant_map", "quant_thresholds",
+    "quantize_blockwise", "sgd_step", "stochastic_round_bf16",
+]
 
 # The norm pass sums squares in blocks of this many elements (the kernel's kNormBlock).
 NORM_BLOCK = 4096
@@ -175,6 +195,87 @@ def stochastic_round_bf16(x: np.ndarray, seed: int, step: int) -> np.ndarray:
     return rounded
 
 
+# ----- blockwise-quantized states ------------------------------------------------------
+
+def quant_map(bits: int, signed: bool) -> np.ndarray:
+    """The code book of ``bits``-bit states: the float32 value of each code, ascending.
+
+    8 bits, and 4 bits signed: the dynamic (tree) map of Dettmers et al. (bitsandbytes'
+    ``create_dynamic_map(signed, max_exponent_bits, bits)``, 7 exponent bits for 8-bit codes,
+    3 for 4-bit): for each decade ``i`` of ``E`` exponents, ``n`` values evenly inside
+    ``[0.1, 1] * 10**(i - E + 1)`` (``n = 2**(i + bits - 1 - E)``, doubled when unsigned),
+    their negatives when signed, then 0 and 1. Each value is the float32 nearest to the
+    double ``N / D`` of its exact fraction ``(2n + 9(2k + 1)) / (20 n 10**(E - 1 - i))``
+    (bitsandbytes computes them in float32 steps: within 2 units in the last place).
+    4 bits unsigned: torchao's linear map without zero, ``k / 16`` for k = 1..16.
+    """
+    if bits not in QUANT_BLOCK:
+        raise ValueError(f"quant_map(): bits must be 8 or 4, got {bits!r}")
+    if bits == 4 and not signed:
+        return (np.arange(1, 17, dtype=np.float64) / 16).astype(np.float32)
+    exponents = 7 if bits == 8 else 3
+    fractions: list[tuple[int, int]] = [(0, 1), (1, 1)]
+    for i in range(exponents):
+        n = 2 ** (i + bits - 1 - exponents) * (1 if signed else 2)
+        for k in range(n):
+            num, den = 2 * n + 9 * (2 * k + 1), 20 * n * 10 ** (exponents - 1 - i)
+            fractions.append((num, den))
+            if signed:
+                fractions.append((-num, den))
+    fractions.sort(key=lambda f: f[0] / f[1])
+    return np.array([num / den for num, den in fractions], dtype=np.float32)
+
+
+def quant_thresholds(bits: int, signed: bool) -> np.ndarray:
+    """The float32 decision thresholds of ``quant_map(bits, signed)``: threshold ``j`` is the
+    smallest float32 that is not nearer to code ``j`` than to code ``j + 1`` (the exact
+    midpoint and above: ties go to the larger code). A value's code is the number of
+    thresholds at or below it."""
+    values = quant_map(bits, signed).astype(np.float64)
+    mids = (values[:-1] + values[1:]) / 2  # exact in double
+    out = mids.astype(np.float32)
+    below = out.astype(np.float64) < mids
+    out[below] = np.nextafter(out[below], np.float32(np.inf))
+    return out
+
+
+def _codes_of(u: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    codes = np.searchsorted(quant_thresholds(bits, signed), u, side="right")
+    codes[np.isnan(u)] = 2**bits - 1
+    return codes.astype(np.uint8)
+
+
+def quantize_blockwise(x: np.ndarray, bits: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (float32, any shape) as blockwise codes: returns ``(codes, absmax)``, codes one
+    uint8 per element (8 bits) or two per byte, the even element in the high nibble (4 bits:
+    torchao's packing), absmax one float32 per block of ``QUANT_BLOCK[bits]``."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    block = QUANT_BLOCK[bits]
+    codes = np.zeros(flat.size, np.uint8)
+    absmax = np.zeros(-(-flat.size // block), np.float32)
+    for b in range(absmax.size):
+        chunk = flat[b * block : (b + 1) * block]
+        a = np.float32(np.nan) if np.isnan(chunk).any() else np.abs(chunk).max()
+        inv = np.float32(0) if a == 0 else np.float32(1) / a
+        absmax[b] = a
+        codes[b * block : b * block + chunk.size] = _codes_of(chunk * inv, bits, signed)
+    if bits == 4:
+        padded = np.zeros(2 * -(-flat.size // 2), np.uint8)
+        padded[: flat.size] = codes
+        codes = (padded[0::2] << 4) | padded[1::2]
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: np.ndarray, absmax: np.ndarray, bits: int, signed: bool, size: int) -> np.ndarray:
+    """The float32 values of ``size`` quantized elements (``quantize_blockwise``'s layout)."""
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    if bits == 4:
+        flat = np.stack([flat >> 4, flat & 15], axis=-1).reshape(-1)
+    scale = np.repeat(np.asarray(absmax, np.float32).reshape(-1), QUANT_BLOCK[bits])[:size]
+    out: np.ndarray = quant_map(bits, signed)[flat[:size]] * scale
+    return out
+
+
 def adam_step(
     param: np.ndarray,
     grad: np.ndarray,
@@ -212,8 +313,8 @@ def adam_step(
 def adam_step_multi(
     params: list[np.ndarray],
     grads: list[np.ndarray],
-    exp_avgs: list[np.ndarray],
-    exp_avg_sqs: list[np.ndarray],
+    exp_avgs: list[np.ndarray] | list[np.ndarray | QuantizedState],
+    exp_avg_sqs: list[np.ndarray] | list[np.ndarray | QuantizedState],
     *,
     steps: int | list[int],
     lr: float = 1e-3,
@@ -256,14 +357,20 @@ def adam_step_multi(
         step = steps if isinstance(steps, int) else steps[i]
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad and max_exp_avg_sqs is not None else None
         param_out = params_out[i] if params_out is not None else None
+        quantized = isinstance(exp_avg, QuantizedState)
         written = [param, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if max_exp_avg_sq is not None else [])
         if param.dtype == np.float64 or (
-            all(a.dtype == np.float32 for a in written + [grad]) and param_out is None and not checks_grads
+            not quantized and all(a.dtype == np.float32 for a in written + [grad]) and param_out is None and not checks_grads
         ):
             _adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, **hyper)  # type: ignore[arg-type]
             continue
         # Mixed precision: widen to float32, the float32 step, round every narrower array back.
-        p, m, v = (a.astype(np.float32) for a in (param, exp_avg, exp_avg_sq))
+        p = param.astype(np.float32)
+        if quantized:  # the states dequantized (module docstring)
+            m, v = (dequantize_blockwise(q.codes, q.absmax, q.bits, q.signed, param.size).reshape(param.shape)
+                    for q in (exp_avg, exp_avg_sq))
+        else:
+            m, v = exp_avg.astype(np.float32), exp_avg_sq.astype(np.float32)
         v_max = None if max_exp_avg_sq is None else max_exp_avg_sq.astype(np.float32)
         g = grad.astype(np.float32)
         if grad_scale is not None:
@@ -274,7 +381,13 @@ def adam_step_multi(
         seed = rounding_seeds[i] if rounding_seeds is not None else None
         if seed is not None:
             param[...] = stochastic_round_bf16(p, seed, step)
-        for to, value in ((None if seed is not None else param, p), (exp_avg, m), (exp_avg_sq, v), (max_exp_avg_sq, v_max), (param_out, p)):
+        if quantized:
+            for q, value in ((exp_avg, m), (exp_avg_sq, v)):
+                codes, absmax = quantize_blockwise(value, q.bits, q.signed)
+                q.codes.reshape(-1)[...] = codes
+                q.absmax.reshape(-1)[...] = absmax
+        states = () if quantized else ((exp_avg, m), (exp_avg_sq, v))
+        for to, value in ((None if seed is not None else param, p), *states, (max_exp_avg_sq, v_max), (param_out, p)):
             if to is not None and value is not None:
                 to[...] = value.astype(to.dtype)
     return norm if checks_grads else None

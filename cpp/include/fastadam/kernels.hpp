@@ -438,6 +438,102 @@ inline void stage_grad(float* FASTADAM_RESTRICT out, Storage storage, const void
 #define FASTADAM_STAGE_ELEMENTS 512
 #endif
 constexpr std::int64_t kStageElements = FASTADAM_STAGE_ELEMENTS;
+static_assert(kStageElements % kQuantBlock8 == 0 && kStageElements % kQuantBlock4 == 0, "a stage holds whole quantized blocks");
+
+// ----- quantized states (docs/design.md, "Quantized states") -----------------------------
+// A stage's elements [at, at + n) of a quantized state (`at` a block's first element): the
+// codes' values times their block's absmax, into out.
+template <int BITS>
+inline void dequantize_state(float* FASTADAM_RESTRICT out, const std::uint8_t* FASTADAM_RESTRICT codes,
+                             const float* FASTADAM_RESTRICT absmax, const QuantMap& q, std::int64_t at, std::int64_t n) {
+    constexpr std::int64_t block = BITS == 4 ? kQuantBlock4 : kQuantBlock8;
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+    using L = Lane<FloatVector>;
+    const typename L::template Dequantizer<BITS> lookup(q);
+#endif
+    for (std::int64_t b = 0; b < n; b += block) {
+        const std::int64_t len = n - b < block ? n - b : block;
+        const float scale = absmax[(at + b) / block];
+        std::int64_t j = 0;
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+        const FloatVector s = L::broadcast(scale);
+        for (; j + L::width <= len; j += L::width) L::store(out + b + j, lookup(codes, at + b + j) * s);
+#endif
+        for (; j < len; ++j) out[b + j] = q.values[code_at<BITS>(codes, at + b + j)] * scale;
+    }
+}
+
+// The stage's new values `in` quantized into [at, at + n): per block its absmax (NaN if the
+// block holds one), then each value times 1/absmax (0 for an all-zero block) to its code.
+template <int BITS>
+inline void quantize_state(std::uint8_t* FASTADAM_RESTRICT codes, float* FASTADAM_RESTRICT absmax, const float* FASTADAM_RESTRICT in,
+                           const QuantMap& q, std::int64_t at, std::int64_t n) {
+    constexpr std::int64_t block = BITS == 4 ? kQuantBlock4 : kQuantBlock8;
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+    using L = Lane<FloatVector>;
+    const typename L::Quantizer quantizer(q);
+#endif
+    for (std::int64_t b = 0; b < n; b += block) {
+        const std::int64_t len = n - b < block ? n - b : block;
+        const float* x = in + b;
+        float top = 0.0f;
+        unsigned nan = 0;
+        std::int64_t j = 0;
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+        FloatVector largest = L::broadcast(0.0f);
+        for (; j + L::width <= len; j += L::width) {
+            const FloatVector v = L::load(x + j);
+            largest = L::max(largest, L::abs(v));
+            nan |= L::nan_lanes(v);
+        }
+        top = L::reduce_max(largest);
+#endif
+        for (; j < len; ++j) {
+            const float a = float_of(bits_of(x[j]) & 0x7fffffffu);
+            top = a > top ? a : top;
+            nan |= x[j] != x[j] ? 1u : 0u;
+        }
+        const float amax = nan != 0 ? float_of(0x7fc00000u) : top;
+        const float inv = amax == 0.0f ? 0.0f : 1.0f / amax;
+        absmax[(at + b) / block] = amax;
+        j = 0;
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+        const FloatVector scale = L::broadcast(inv);
+        for (; j + L::width <= len; j += L::width) L::template store_codes<BITS>(codes, at + b + j, quantizer((L::load(x + j) * scale).r));
+#endif
+        for (; j < len; j += BITS == 4 ? 2 : 1) {
+            const std::uint32_t c = quantize_code(x[j] * inv, q);
+            if (BITS == 8) {
+                codes[at + b + j] = static_cast<std::uint8_t>(c);
+            } else {
+                const std::uint32_t odd = j + 1 < len ? quantize_code(x[j + 1] * inv, q) : 0u;
+                codes[(at + b + j) / 2] = static_cast<std::uint8_t>(c << 4 | odd);
+            }
+        }
+    }
+}
+
+// A whole state: n floats quantized to `q`'s codes and absmaxes, and back.
+inline void quantize_blockwise(const float* x, std::int64_t n, std::uint8_t* codes, float* absmax, const QuantMap& q) {
+    if (q.bits == 8) quantize_state<8>(codes, absmax, x, q, 0, n);
+    else quantize_state<4>(codes, absmax, x, q, 0, n);
+}
+inline void dequantize_blockwise(const std::uint8_t* codes, const float* absmax, std::int64_t n, float* out, const QuantMap& q) {
+    if (q.bits == 8) dequantize_state<8>(out, codes, absmax, q, 0, n);
+    else dequantize_state<4>(out, codes, absmax, q, 0, n);
+}
+
+// One code per byte for n floats, as quantize_state's inner loop computes them: a test
+// hook (tests/test_quantized.py checks every float against the thresholds).
+inline void quantize_codes(const float* x, std::uint8_t* out, std::int64_t n, const QuantMap& q) {
+    std::int64_t i = 0;
+#if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
+    using L = Lane<FloatVector>;
+    const typename L::Quantizer quantizer(q);
+    for (; i + L::width <= n; i += L::width) L::template store_codes<8>(out, i, quantizer(L::load(x + i).r));
+#endif
+    for (; i < n; ++i) out[i] = static_cast<std::uint8_t>(quantize_code(x[i], q));
+}
 
 // The fused loop: the arrays' storages are template parameters, loads widen and stores
 // round in registers, and the gradient transform is two multiplications
@@ -488,12 +584,20 @@ inline bool adam_fused_segment(const AdamMixedTensor& t, const AdamScalars<float
 
 // Everything else: a narrow array is widened a stage at a time into a float buffer that
 // the float loop updates; what it wrote is then rounded back.
+// With quantized states (state_bits 8 or 4), each stage's blocks are dequantized into the
+// state buffers and quantized back after the update ([begin, end) starts on a block).
 inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float>& s, std::int64_t begin, std::int64_t end) {
-    if (adam_fused_segment(t, s, begin, end)) return;
+    const int bits = t.state_bits;
+    if (bits == 0 && adam_fused_segment(t, s, begin, end)) return;
     alignas(64) float param[kStageElements], grad[kStageElements], exp_avg[kStageElements], exp_avg_sq[kStageElements],
         max_exp_avg_sq[kStageElements];
-    const bool amsgrad = t.hyper->amsgrad;
-    const bool narrow_param = t.param_dtype != Storage::float32, narrow_state = t.state_dtype != Storage::float32;
+    const bool amsgrad = t.hyper->amsgrad;  // (never with quantized states)
+    const bool narrow_param = t.param_dtype != Storage::float32;
+    const bool narrow_state = bits == 0 && t.state_dtype != Storage::float32;
+    const QuantMap* signed_book = bits != 0 ? &quant_map(bits, true) : nullptr;
+    const QuantMap* unsigned_book = bits != 0 ? &quant_map(bits, false) : nullptr;
+    auto* m_codes = static_cast<std::uint8_t*>(t.exp_avg);
+    auto* v_codes = static_cast<std::uint8_t*>(t.exp_avg_sq);
     const bool direct_grad = t.grad_dtype == Storage::float32 && t.transform == nullptr;
     const bool stochastic = t.stochastic_rounding && t.param_dtype == Storage::bfloat16;
     const std::uint64_t key = stochastic ? rounding_key(t.rounding_seed, t.step) : 0;
@@ -507,7 +611,17 @@ inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float
         if (narrow_param) widen(param, t.param_dtype, t.param, at, n);
         f.grad = direct_grad ? static_cast<const float*>(t.grad) + at : grad;
         if (!direct_grad) stage_grad(grad, t.grad_dtype, t.grad, at, n, t.transform ? *t.transform : GradTransform{});
-        if (narrow_state) {
+        if (bits != 0) {
+            f.exp_avg = exp_avg;
+            f.exp_avg_sq = exp_avg_sq;
+            if (bits == 8) {
+                dequantize_state<8>(exp_avg, m_codes, t.exp_avg_absmax, *signed_book, at, n);
+                dequantize_state<8>(exp_avg_sq, v_codes, t.exp_avg_sq_absmax, *unsigned_book, at, n);
+            } else {
+                dequantize_state<4>(exp_avg, m_codes, t.exp_avg_absmax, *signed_book, at, n);
+                dequantize_state<4>(exp_avg_sq, v_codes, t.exp_avg_sq_absmax, *unsigned_book, at, n);
+            }
+        } else if (narrow_state) {
             f.exp_avg = exp_avg;
             f.exp_avg_sq = exp_avg_sq;
             widen(exp_avg, t.state_dtype, t.exp_avg, at, n);
@@ -532,6 +646,13 @@ inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float
             narrow(t.param, t.param_dtype, param, at, n);
         }
         if (t.param_out != nullptr) narrow(t.param_out, t.param_out_dtype, f.param, at, n);
+        if (bits == 8) {
+            quantize_state<8>(m_codes, t.exp_avg_absmax, exp_avg, *signed_book, at, n);
+            quantize_state<8>(v_codes, t.exp_avg_sq_absmax, exp_avg_sq, *unsigned_book, at, n);
+        } else if (bits == 4) {
+            quantize_state<4>(m_codes, t.exp_avg_absmax, exp_avg, *signed_book, at, n);
+            quantize_state<4>(v_codes, t.exp_avg_sq_absmax, exp_avg_sq, *unsigned_book, at, n);
+        }
         if (narrow_state) {
             narrow(t.exp_avg, t.state_dtype, exp_avg, at, n);
             narrow(t.exp_avg_sq, t.state_dtype, exp_avg_sq, at, n);

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "fastadam/convert.hpp"
+#include "fastadam/types.hpp"
 
 #if defined(__AVX512F__)
 #if !defined(_MSC_VER) && !(defined(__AVX512BW__) && defined(__AVX512DQ__))
@@ -67,6 +68,32 @@ struct Lane {
     template <class... U>
     static void loads_before_stores(U&...) {}
 };
+
+// ----- quantized states (types.hpp, QuantMap; docs/design.md, "Quantized states") -----
+// x's code: the bucket of x's bit pattern (its magnitude's binade and top mantissa bits,
+// mirrored for negative x), then one compare of x's low mantissa bits with the bucket's
+// one threshold, if it has one. NaN takes the last code. The vector Quantizers below
+// compute the same, lane by lane.
+inline std::uint32_t quantize_code(float x, const QuantMap& q) {
+    const std::uint32_t w = bits_of(x);
+    if ((w & 0x7fffffffu) > 0x7f800000u) return (1u << q.bits) - 1u;
+    const auto a = static_cast<std::int32_t>(w & 0x7fffffffu);
+    std::int32_t mb = ((a - q.magnitude_base) >> q.shift) + 1;  // below the base: <= 0
+    mb = mb < 0 ? 0 : mb > q.top ? q.top : mb;
+    const std::uint32_t mask = (1u << q.shift) - 1u, low = static_cast<std::uint32_t>(a) & mask;
+    const bool negative = (w >> 31) != 0;
+    const std::int32_t last_negative = q.negative_buckets - 1;
+    const std::int32_t idx = negative ? last_negative - (mb < last_negative ? mb : last_negative) : q.negative_buckets + mb;
+    const std::uint32_t key = negative ? mask - low : low, entry = q.buckets[idx];
+    return (entry & 0xffu) + (key >= (entry >> 8) ? 1u : 0u);
+}
+// Code i of a state's codes (4 bits: two a byte, the even element in the high nibble).
+template <int BITS>
+inline std::uint32_t code_at(const std::uint8_t* codes, std::int64_t i) {
+    if (BITS == 8) return codes[i];
+    const std::uint32_t byte = codes[i / 2];
+    return i % 2 == 0 ? byte >> 4 : byte & 15u;
+}
 
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
 // Claims to change the vectors' registers, so the compiler must have loaded them by
@@ -159,6 +186,37 @@ inline F32x16 sqrt_by_fma(F32x16 x) {
     return {s};
 }
 
+// Quantized states' vector parts (quantize_code's arithmetic, lane by lane). The map's
+// scalars are copied into registers once per block loop: the code stores (bytes) may
+// alias anything, so the compiler would otherwise reload them after every store.
+struct QuantizerX16 {
+    __m512i base, one, top, mask, negative_buckets, last_negative, low_byte, last_code;
+    __m128i shift;
+    const std::uint32_t* buckets;
+    explicit QuantizerX16(const QuantMap& q)
+        : base(_mm512_set1_epi32(q.magnitude_base)), one(_mm512_set1_epi32(1)), top(_mm512_set1_epi32(q.top)),
+          mask(_mm512_set1_epi32((1 << q.shift) - 1)), negative_buckets(_mm512_set1_epi32(q.negative_buckets)),
+          last_negative(_mm512_set1_epi32(q.negative_buckets - 1)), low_byte(_mm512_set1_epi32(0xff)),
+          last_code(_mm512_set1_epi32((1 << q.bits) - 1)), shift(_mm_cvtsi32_si128(q.shift)), buckets(q.buckets) {}
+    // The codes of 16 floats, one per 32-bit lane.
+    __m512i operator()(__m512 x) const {
+        const __m512i w = _mm512_castps_si512(x);
+        const __m512i a = _mm512_and_si512(w, _mm512_set1_epi32(0x7fffffff));
+        __m512i mb = _mm512_add_epi32(_mm512_sra_epi32(_mm512_sub_epi32(a, base), shift), one);
+        mb = _mm512_min_epi32(_mm512_max_epi32(mb, _mm512_setzero_si512()), top);
+        const __m512i low = _mm512_and_si512(a, mask);
+        const __mmask16 negative = _mm512_movepi32_mask(w);
+        const __m512i idx = _mm512_mask_blend_epi32(negative, _mm512_add_epi32(mb, negative_buckets),
+                                                    _mm512_sub_epi32(last_negative, _mm512_min_epi32(mb, last_negative)));
+        const __m512i key = _mm512_mask_sub_epi32(low, negative, mask, low);
+        const __m512i entry = _mm512_i32gather_epi32(idx, reinterpret_cast<const int*>(buckets), 4);
+        const __m512i code = _mm512_and_si512(entry, low_byte);
+        const __mmask16 up = _mm512_cmpge_epu32_mask(key, _mm512_srli_epi32(entry, 8));
+        const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        return _mm512_mask_mov_epi32(_mm512_mask_add_epi32(code, up, code, one), nan, last_code);
+    }
+};
+
 // sqrt_from_estimate's results are those of the IEEE square root only when rounding to
 // nearest, the default that NumPy and every compiler assume; under any other
 // MXCSR rounding mode the loops keep to the divide unit's square root.
@@ -206,6 +264,41 @@ struct Lane<F32x16> : VectorLane {
     static __m512i top_halves() {
         return _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     }
+    // Quantized states: the values of 16 codes from element i on (codes + i for 8 bits,
+    // codes + i/2 for 4, i even), as a gather from the 256-entry book or one permute of
+    // the 16-entry one; 16 codes (32-bit lanes) stored as bytes or nibble pairs.
+    using Quantizer = QuantizerX16;
+    template <int BITS>
+    struct Dequantizer {
+        const float* values;
+        __m512 book;  // 4 bits: the whole book in one register
+        explicit Dequantizer(const QuantMap& q) : values(q.values), book(_mm512_loadu_ps(q.values)) {}
+        F32x16 operator()(const std::uint8_t* codes, std::int64_t i) const {
+            if (BITS == 8) {
+                const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+                return {_mm512_i32gather_ps(idx, values, 4)};
+            }
+            const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i / 2));
+            const __m128i nibble = _mm_set1_epi8(0x0f);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), nibble), lo = _mm_and_si128(x, nibble);
+            return {_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), book)};
+        }
+    };
+    template <int BITS>
+    static void store_codes(std::uint8_t* codes, std::int64_t i, __m512i c) {
+        if (BITS == 8) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+            return;
+        }
+        // each 64-bit lane holds an (even, odd) pair: its low byte becomes even << 4 | odd
+        const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_cvtepi64_epi8(pairs));
+    }
+    static F32x16 abs(F32x16 x) { return {_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x.r), _mm512_set1_epi32(0x7fffffff)))}; }
+    // a > b ? a : b (so b when either is NaN: NaNs are looked for apart, nan_lanes)
+    static F32x16 max(F32x16 a, F32x16 b) { return {_mm512_max_ps(a.r, b.r)}; }
+    static unsigned nan_lanes(F32x16 x) { return _mm512_cmp_ps_mask(x.r, x.r, _CMP_UNORD_Q); }
+    static float reduce_max(F32x16 x) { return _mm512_reduce_max_ps(x.r); }
     // float16 storage (convert.hpp): AVX-512F's conversions round to nearest even whatever
     // the rounding mode, and keep subnormals, as NumPy's do; NaN lanes get NumPy's bits
     // (the payload kept as it is), where the hardware would quiet a signalling NaN.
@@ -304,6 +397,77 @@ struct Lane<F32x8> : VectorLane {
         const __m256i nan_bits = _mm256_or_si256(
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7c00)), payload);
         store_halves(p, _mm256_blendv_epi8(_mm256_cvtepu16_epi32(h), nan_bits, _mm256_castps_si256(nan)));
+    }
+    // Quantized states, as Lane<F32x16>'s: gathers of 8 codes' values (4 bits: the book's
+    // two halves, one permute each, blended on the code's bit 3).
+    struct Quantizer {
+        __m256i base, one, top, mask, negative_buckets, last_negative, low_byte, last_code;
+        __m128i shift;
+        const std::uint32_t* buckets;
+        explicit Quantizer(const QuantMap& q)
+            : base(_mm256_set1_epi32(q.magnitude_base)), one(_mm256_set1_epi32(1)), top(_mm256_set1_epi32(q.top)),
+              mask(_mm256_set1_epi32((1 << q.shift) - 1)), negative_buckets(_mm256_set1_epi32(q.negative_buckets)),
+              last_negative(_mm256_set1_epi32(q.negative_buckets - 1)), low_byte(_mm256_set1_epi32(0xff)),
+              last_code(_mm256_set1_epi32((1 << q.bits) - 1)), shift(_mm_cvtsi32_si128(q.shift)), buckets(q.buckets) {}
+        __m256i operator()(__m256 x) const {
+            const __m256i w = _mm256_castps_si256(x);
+            const __m256i a = _mm256_and_si256(w, _mm256_set1_epi32(0x7fffffff));
+            __m256i mb = _mm256_add_epi32(_mm256_sra_epi32(_mm256_sub_epi32(a, base), shift), one);
+            mb = _mm256_min_epi32(_mm256_max_epi32(mb, _mm256_setzero_si256()), top);
+            const __m256i low = _mm256_and_si256(a, mask);
+            const __m256i negative = _mm256_srai_epi32(w, 31);
+            const __m256i idx = _mm256_blendv_epi8(_mm256_add_epi32(mb, negative_buckets),
+                                                   _mm256_sub_epi32(last_negative, _mm256_min_epi32(mb, last_negative)), negative);
+            const __m256i key = _mm256_blendv_epi8(low, _mm256_sub_epi32(mask, low), negative);
+            const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(buckets), idx, 4);
+            // key >= threshold, unsigned (both below 2^24: the signed compare is the unsigned one)
+            const __m256i below = _mm256_cmpgt_epi32(_mm256_srli_epi32(entry, 8), key);
+            const __m256i code = _mm256_add_epi32(_mm256_and_si256(entry, low_byte), _mm256_andnot_si256(below, one));
+            return _mm256_blendv_epi8(code, last_code, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+        }
+    };
+    template <int BITS>
+    struct Dequantizer {
+        const float* values;
+        __m256 low_half, high_half;
+        explicit Dequantizer(const QuantMap& q) : values(q.values), low_half(_mm256_loadu_ps(q.values)), high_half(_mm256_loadu_ps(q.values + 8)) {}
+        F32x8 operator()(const std::uint8_t* codes, std::int64_t i) const {
+            if (BITS == 8) {
+                const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+                return {_mm256_i32gather_ps(values, idx, 4)};
+            }
+            std::int32_t four;
+            std::memcpy(&four, codes + i / 2, 4);
+            const __m128i x = _mm_cvtsi32_si128(four), nibble = _mm_set1_epi8(0x0f);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), nibble), lo = _mm_and_si128(x, nibble);
+            const __m256i idx = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+            return {_mm256_blendv_ps(_mm256_permutevar8x32_ps(low_half, idx), _mm256_permutevar8x32_ps(high_half, idx),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))};
+        }
+    };
+    template <int BITS>
+    static void store_codes(std::uint8_t* codes, std::int64_t i, __m256i c) {
+        if (BITS == 4) {  // (even, odd) pairs in 64-bit lanes: low byte even << 4 | odd, then bytes 0, 8 of each half
+            c = _mm256_or_si256(_mm256_slli_epi64(c, 4), _mm256_srli_epi64(c, 32));
+            c = _mm256_shuffle_epi8(c, _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                        0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+            const std::uint16_t out[2] = {static_cast<std::uint16_t>(_mm256_extract_epi16(c, 0)),
+                                          static_cast<std::uint16_t>(_mm256_extract_epi16(c, 8))};
+            std::memcpy(codes + i / 2, out, 4);
+            return;
+        }
+        const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
+        const std::int32_t out[2] = {_mm256_extract_epi32(bytes, 0), _mm256_extract_epi32(bytes, 4)};
+        std::memcpy(codes + i, out, 8);
+    }
+    static F32x8 abs(F32x8 x) { return {_mm256_and_ps(x.r, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))}; }
+    static F32x8 max(F32x8 a, F32x8 b) { return {_mm256_max_ps(a.r, b.r)}; }
+    static unsigned nan_lanes(F32x8 x) { return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x.r, x.r, _CMP_UNORD_Q))); }
+    static float reduce_max(F32x8 x) {
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(x.r), _mm256_extractf128_ps(x.r, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        return _mm_cvtss_f32(m);
     }
     // Eight 32-bit lanes that each hold 16 bits, packed (unsigned saturation keeps them) and stored.
     template <class S>

@@ -117,7 +117,46 @@ struct AdamMixedTensor {
     // (convert.hpp, rounding_key), not to nearest.
     bool stochastic_rounding = false;
     std::uint64_t rounding_seed = 0;
+    // Quantized states: 8 or 4 bits a code, exp_avg and exp_avg_sq then point at their
+    // codes (uint8), *_absmax at one float per block (quant_block); 0: states stored as
+    // state_dtype says. Not with amsgrad.
+    int state_bits = 0;
+    float* exp_avg_absmax = nullptr;
+    float* exp_avg_sq_absmax = nullptr;
 };
+
+// ----- blockwise-quantized states (docs/design.md, "Quantized states") -----------------
+
+// Elements per block of one absmax: 8-bit codes (bitsandbytes' and torchao's size), 4-bit.
+constexpr std::int64_t kQuantBlock8 = 256, kQuantBlock4 = 128;
+inline std::int64_t quant_block(int bits) { return bits == 4 ? kQuantBlock4 : kQuantBlock8; }
+
+// A code book and what the kernel needs to quantize to it (fastadam.reference.quant_map,
+// quant_thresholds). A value's code is the number of thresholds at or below it, found
+// without a search: the value's bit pattern picks a bucket, a range of floats that holds
+// at most one threshold, whose table entry is the code at the bucket's start plus that
+// threshold's low mantissa bits (quant_maps.cpp builds it; lanes.hpp, quantize_code).
+struct QuantMap {
+    int bits = 8;
+    bool is_signed = true;
+    float values[256] = {};      // the value of each of the 2^bits codes, ascending
+    float thresholds[256] = {};  // threshold j: the smallest float whose code is > j (2^bits - 1 of them)
+    // Buckets of |x|: 0 below 2^(exponent_base-127); 1..top-1 cut 2^bucket_bits per binade
+    // (the top bits of the mantissa); top from 1.0 up (inf, NaN). Negative x take
+    // negative_buckets entries (1 for the unsigned book: all quantize to code 0), mirrored.
+    std::int32_t magnitude_base = 0;  // the bit pattern of 2^(exponent_base-127)
+    int shift = 0;                    // 23 - bucket_bits: x's low bits compared in a bucket
+    std::int32_t top = 0;
+    std::int32_t negative_buckets = 0;
+    // entry = code at the bucket's start | (the threshold's low bits, ordered as x, or
+    // 2^shift for none) << 8
+    const std::uint32_t* buckets = nullptr;
+    std::int32_t bucket_count = 0;
+};
+
+// The four code books: 8 bits signed (exp_avg) and unsigned (exp_avg_sq), 4 bits signed
+// and unsigned. Built once, when the library loads.
+const QuantMap& quant_map(int bits, bool is_signed);
 
 // A gradient for the global-norm pass (grad_sq_sum).
 struct GradView {
