@@ -61,7 +61,7 @@ def test_the_books_are_the_dynamic_map_and_torchaos_linear_one():
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_path_gives_the_nearest_code(bits, signed, isa):
     # every float in each run of 2^16 bit patterns that holds a threshold, and 1/64 of the rest
-    count, first = _core._quantizer_mismatches(bits, signed, isa, 64)
+    count, first = _core._quantizer_mismatches(bits, signed, isa, 64)  # both loops (bounded: |x| < 2)
     assert count == 0, f"{count} codes differ, first for the float bits {first:#010x}"
 
 
@@ -85,6 +85,10 @@ def test_special_values_and_ties(bits, signed, isa):
     x = x.astype(np.float32)
     got = np.zeros(x.size, np.uint8)
     _core._quantize_codes(x, got, bits, signed, isa)
+    bounded = np.abs(x) < 2
+    got_bounded = np.zeros(int(bounded.sum()), np.uint8)
+    _core._quantize_codes(x[bounded], got_bounded, bits, signed, isa, True)
+    assert np.array_equal(got_bounded, got[bounded])
     want = np.searchsorted(thresholds, x, side="right")
     want[np.isnan(x)] = 2**bits - 1
     assert np.array_equal(got, want)

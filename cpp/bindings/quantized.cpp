@@ -73,14 +73,15 @@ void register_quantized(py::module_& m) {
         py::gil_scoped_release release;
         dequantize_blockwise(s.codes, s.absmax, n, to, q);
     }, py::arg("state"), py::arg("out"), "state's values (float32) written into out, of the state's size.");
-    m.def("_quantize_codes", [](const py::array& x, py::array& out, int bits, bool is_signed, const std::string& isa) {
+    m.def("_quantize_codes", [](const py::array& x, py::array& out, int bits, bool is_signed, const std::string& isa, bool bounded) {
         const std::int64_t n = static_cast<std::int64_t>(x.size());
         const float* in = reinterpret_cast<const float*>(data_of(x, py::detail::npy_api::NPY_FLOAT_, n, false, "x", "float32"));
         auto* codes = reinterpret_cast<std::uint8_t*>(data_of(out, py::detail::npy_api::NPY_UBYTE_, n, true, "out", "uint8"));
         const QuantMap& q = book(bits, is_signed);
-        quantize_codes(in, codes, n, q, isa_from_name(isa));
-    }, py::arg("x"), py::arg("out"), py::arg("bits"), py::arg("signed"), py::arg("isa"),
-          "Test hook: the code of each float of x, one per byte, as the ISA's quantized-state loop computes it.");
+        quantize_codes(in, codes, n, q, isa_from_name(isa), bounded);
+    }, py::arg("x"), py::arg("out"), py::arg("bits"), py::arg("signed"), py::arg("isa"), py::arg("bounded") = false,
+          "Test hook: the code of each float of x, one per byte, as the ISA's quantized-state loop computes it "
+          "(bounded: the loop for blocks of finite absmax, valid for |x| < 2).");
     m.def("_quantizer_mismatches", [](int bits, bool is_signed, const std::string& isa, std::int64_t every) {
         if (every < 1) throw_value("every must be >= 1");
         const QuantMap& q = book(bits, is_signed);

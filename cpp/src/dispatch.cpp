@@ -468,8 +468,8 @@ void dequantize_blockwise(const std::uint8_t* codes, const float* absmax, std::i
     checked_table(active_isa()).dequantize_blockwise(codes, absmax, n, out, book);
 }
 
-void quantize_codes(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book, Isa isa) {
-    checked_table(isa).quantize_codes(x, codes, n, book);
+void quantize_codes(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book, Isa isa, bool bounded) {
+    checked_table(isa).quantize_codes(x, codes, n, book, bounded);
 }
 
 std::int64_t quantizer_mismatches(const QuantMap& book, Isa isa, std::int64_t every, std::uint32_t* first) {
@@ -494,12 +494,15 @@ std::int64_t quantizer_mismatches(const QuantMap& book, Isa isa, std::int64_t ev
         const int lo = expected(static_cast<std::uint32_t>(start)), hi = expected(static_cast<std::uint32_t>(start) + chunk - 1);
         if (!has_nan && lo == hi && index % static_cast<std::uint64_t>(every) != 0) continue;
         for (std::uint32_t k = 0; k < chunk; ++k) bits[k] = static_cast<std::uint32_t>(start) + k;
-        table.quantize_codes(reinterpret_cast<const float*>(bits.data()), codes.data(), chunk, book);
-        for (std::uint32_t k = 0; k < chunk; ++k) {
-            const int want = !has_nan && lo == hi ? lo : expected(bits[k]);
-            if (codes[k] != want) {
-                if (mismatches == 0 && first != nullptr) *first = bits[k];
-                ++mismatches;
+        for (const bool bounded : {false, true}) {
+            if (bounded && magnitude >= 0x40000000u) continue;  // |x| >= 2
+            table.quantize_codes(reinterpret_cast<const float*>(bits.data()), codes.data(), chunk, book, bounded);
+            for (std::uint32_t k = 0; k < chunk; ++k) {
+                const int want = !has_nan && lo == hi ? lo : expected(bits[k]);
+                if (codes[k] != want) {
+                    if (mismatches == 0 && first != nullptr) *first = bits[k];
+                    ++mismatches;
+                }
             }
         }
     }

@@ -20,7 +20,7 @@ struct KernelTable {
     void (*sqrt_f32)(const float* x, const float* estimate, float* out, std::int64_t n);
     void (*adam_mixed)(const AdamMixedTensor&, const AdamScalars<float>&, std::int64_t, std::int64_t);
     double (*grad_sq_block)(Storage, const void*, std::int64_t at, std::int64_t n, bool unscale, float scale);
-    void (*quantize_codes)(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book);
+    void (*quantize_codes)(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book, bool bounded);
     void (*quantize_blockwise)(const float* x, std::int64_t n, std::uint8_t* codes, float* absmax, const QuantMap& book);
     void (*dequantize_blockwise)(const std::uint8_t* codes, const float* absmax, std::int64_t n, float* out, const QuantMap& book);
 };

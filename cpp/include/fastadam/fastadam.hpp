@@ -104,11 +104,13 @@ void quantize_blockwise(const float* x, std::int64_t n, std::uint8_t* codes, flo
 void dequantize_blockwise(const std::uint8_t* codes, const float* absmax, std::int64_t n, float* out, const QuantMap& book);
 
 // The codes of n floats in `book` (types.hpp, quant_map), one per byte, as `isa`'s
-// quantized-state loops compute them. A test hook (tests/test_quantized.py).
-void quantize_codes(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book, Isa isa);
+// quantized-state loops compute them (`bounded`: the loop for blocks of finite absmax,
+// valid for |x| < 2 only). A test hook (tests/test_quantized.py).
+void quantize_codes(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book, Isa isa, bool bounded);
 // Floats through quantize_codes on `isa`, against the code the thresholds give (the number
 // at or below it; NaN: the last code): every bit pattern in each run of 2^16 that holds a
-// threshold, and every `every`-th other run (every = 1: all 2^32). Returns how many differ;
+// threshold, and every `every`-th other run (every = 1: all 2^32), through both loops (the
+// bounded one where |x| < 2). Returns how many differ;
 // *first (nullable) gets the bit pattern of the first. A self-check (seconds for all).
 std::int64_t quantizer_mismatches(const QuantMap& book, Isa isa, std::int64_t every, std::uint32_t* first);
 

@@ -465,7 +465,8 @@ inline void dequantize_state(float* FASTADAM_RESTRICT out, const std::uint8_t* F
 
 // The stage's new values `in` quantized into [at, at + n): per block its absmax (NaN if the
 // block holds one), then each value times 1/absmax (0 for an all-zero block) to its code.
-template <int BITS>
+// SIGNED: q is the signed book.
+template <int BITS, bool SIGNED>
 inline void quantize_state(std::uint8_t* FASTADAM_RESTRICT codes, float* FASTADAM_RESTRICT absmax, const float* FASTADAM_RESTRICT in,
                            const QuantMap& q, std::int64_t at, std::int64_t n) {
     constexpr std::int64_t block = BITS == 4 ? kQuantBlock4 : kQuantBlock8;
@@ -499,7 +500,14 @@ inline void quantize_state(std::uint8_t* FASTADAM_RESTRICT codes, float* FASTADA
         j = 0;
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
         const FloatVector scale = L::broadcast(inv);
-        for (; j + L::width <= len; j += L::width) L::template store_codes<BITS>(codes, at + b + j, quantizer((L::load(x + j) * scale).r));
+        // a finite absmax bounds every |x * inv| by 1 (and one rounding)
+        if (amax - amax == 0.0f) {
+            for (; j + L::width <= len; j += L::width)
+                L::template store_codes<BITS>(codes, at + b + j, quantizer.template codes<SIGNED, true>((L::load(x + j) * scale).r));
+        } else {
+            for (; j + L::width <= len; j += L::width)
+                L::template store_codes<BITS>(codes, at + b + j, quantizer.template codes<SIGNED, false>((L::load(x + j) * scale).r));
+        }
 #endif
         for (; j < len; j += BITS == 4 ? 2 : 1) {
             const std::uint32_t c = quantize_code(x[j] * inv, q);
@@ -515,8 +523,8 @@ inline void quantize_state(std::uint8_t* FASTADAM_RESTRICT codes, float* FASTADA
 
 // A whole state: n floats quantized to `q`'s codes and absmaxes, and back.
 inline void quantize_blockwise(const float* x, std::int64_t n, std::uint8_t* codes, float* absmax, const QuantMap& q) {
-    if (q.bits == 8) quantize_state<8>(codes, absmax, x, q, 0, n);
-    else quantize_state<4>(codes, absmax, x, q, 0, n);
+    if (q.bits == 8) q.is_signed ? quantize_state<8, true>(codes, absmax, x, q, 0, n) : quantize_state<8, false>(codes, absmax, x, q, 0, n);
+    else q.is_signed ? quantize_state<4, true>(codes, absmax, x, q, 0, n) : quantize_state<4, false>(codes, absmax, x, q, 0, n);
 }
 inline void dequantize_blockwise(const std::uint8_t* codes, const float* absmax, std::int64_t n, float* out, const QuantMap& q) {
     if (q.bits == 8) dequantize_state<8>(out, codes, absmax, q, 0, n);
@@ -524,13 +532,24 @@ inline void dequantize_blockwise(const std::uint8_t* codes, const float* absmax,
 }
 
 // One code per byte for n floats, as quantize_state's inner loop computes them: a test
-// hook (tests/test_quantized.py checks every float against the thresholds).
-inline void quantize_codes(const float* x, std::uint8_t* out, std::int64_t n, const QuantMap& q) {
+// hook (tests/test_quantized.py checks every float against the thresholds). `bounded`:
+// the loop for blocks of finite absmax, valid where every |x| < 2.
+inline void quantize_codes(const float* x, std::uint8_t* out, std::int64_t n, const QuantMap& q, bool bounded) {
     std::int64_t i = 0;
 #if defined(FASTADAM_HAVE_F32X16) || defined(FASTADAM_HAVE_F32X8)
     using L = Lane<FloatVector>;
     const typename L::Quantizer quantizer(q);
-    for (; i + L::width <= n; i += L::width) L::template store_codes<8>(out, i, quantizer(L::load(x + i).r));
+    const auto run = [&](auto is_signed, auto is_bounded) {
+        for (; i + L::width <= n; i += L::width)
+            L::template store_codes<8>(out, i, quantizer.template codes<decltype(is_signed)::value, decltype(is_bounded)::value>(L::load(x + i).r));
+    };
+    using std::integral_constant;
+    if (q.is_signed && bounded) run(integral_constant<bool, true>{}, integral_constant<bool, true>{});
+    else if (q.is_signed) run(integral_constant<bool, true>{}, integral_constant<bool, false>{});
+    else if (bounded) run(integral_constant<bool, false>{}, integral_constant<bool, true>{});
+    else run(integral_constant<bool, false>{}, integral_constant<bool, false>{});
+#else
+    (void)bounded;
 #endif
     for (; i < n; ++i) out[i] = static_cast<std::uint8_t>(quantize_code(x[i], q));
 }
@@ -647,11 +666,11 @@ inline void adam_mixed_segment(const AdamMixedTensor& t, const AdamScalars<float
         }
         if (t.param_out != nullptr) narrow(t.param_out, t.param_out_dtype, f.param, at, n);
         if (bits == 8) {
-            quantize_state<8>(m_codes, t.exp_avg_absmax, exp_avg, *signed_book, at, n);
-            quantize_state<8>(v_codes, t.exp_avg_sq_absmax, exp_avg_sq, *unsigned_book, at, n);
+            quantize_state<8, true>(m_codes, t.exp_avg_absmax, exp_avg, *signed_book, at, n);
+            quantize_state<8, false>(v_codes, t.exp_avg_sq_absmax, exp_avg_sq, *unsigned_book, at, n);
         } else if (bits == 4) {
-            quantize_state<4>(m_codes, t.exp_avg_absmax, exp_avg, *signed_book, at, n);
-            quantize_state<4>(v_codes, t.exp_avg_sq_absmax, exp_avg_sq, *unsigned_book, at, n);
+            quantize_state<4, true>(m_codes, t.exp_avg_absmax, exp_avg, *signed_book, at, n);
+            quantize_state<4, false>(v_codes, t.exp_avg_sq_absmax, exp_avg_sq, *unsigned_book, at, n);
         }
         if (narrow_state) {
             narrow(t.exp_avg, t.state_dtype, exp_avg, at, n);

@@ -186,34 +186,67 @@ inline F32x16 sqrt_by_fma(F32x16 x) {
     return {s};
 }
 
-// Quantized states' vector parts (quantize_code's arithmetic, lane by lane). The map's
-// scalars are copied into registers once per block loop: the code stores (bytes) may
-// alias anything, so the compiler would otherwise reload them after every store.
+// Quantized states' vector quantizer: types.hpp's estimate (QuantMap, the pieces), with
+// every lane it cannot vouch for (the estimate near an integer or |x| near the junction,
+// huge, inf or NaN) redone by quantize_code; so the codes are quantize_code's. No table
+// lookup per element: a gather of 16 lanes costs about 25 cycles on Zen 5, where these
+// permutes and compares cost about one each (docs/performance.md, "Quantized states").
 struct QuantizerX16 {
-    __m512i base, one, top, mask, negative_buckets, last_negative, low_byte, last_code;
-    __m128i shift;
-    const std::uint32_t* buckets;
+    __m512i binade_base, last_binade, zero_code, one, piece_lo_a, piece_lo_b, piece_top;
+    __m512 junction_a, junction_b, piece_scale, piece_offset, margin, big;
+    const QuantMap* book;
     explicit QuantizerX16(const QuantMap& q)
-        : base(_mm512_set1_epi32(q.magnitude_base)), one(_mm512_set1_epi32(1)), top(_mm512_set1_epi32(q.top)),
-          mask(_mm512_set1_epi32((1 << q.shift) - 1)), negative_buckets(_mm512_set1_epi32(q.negative_buckets)),
-          last_negative(_mm512_set1_epi32(q.negative_buckets - 1)), low_byte(_mm512_set1_epi32(0xff)),
-          last_code(_mm512_set1_epi32((1 << q.bits) - 1)), shift(_mm_cvtsi32_si128(q.shift)), buckets(q.buckets) {}
-    // The codes of 16 floats, one per 32-bit lane.
-    __m512i operator()(__m512 x) const {
+        : binade_base(_mm512_set1_epi32(q.binade_base)), last_binade(_mm512_set1_epi32(31)), zero_code(_mm512_set1_epi32(q.zero_code)),
+          one(_mm512_set1_epi32(1)),
+          piece_lo_a(_mm512_loadu_si512(q.binade_piece)), piece_lo_b(_mm512_loadu_si512(q.binade_piece + 16)),
+          piece_top(_mm512_loadu_si512(q.piece_top)), junction_a(_mm512_loadu_ps(q.binade_junction)),
+          junction_b(_mm512_loadu_ps(q.binade_junction + 16)), piece_scale(_mm512_loadu_ps(q.piece_scale)),
+          piece_offset(_mm512_loadu_ps(q.piece_offset)), margin(_mm512_set1_ps(kEstimateMargin)), big(_mm512_set1_ps(float_of(static_cast<std::uint32_t>(q.binade_base + 31) << 23))),
+          book(&q) {}
+    // The codes of 16 floats, one per 32-bit lane. SIGNED: the book has negative values
+    // (zero_code > 0). BOUNDED: every |x| < 2 (so no NaN, and the binade index is at most
+    // 31 without a clamp), as in a block of finite absmax.
+    template <bool SIGNED, bool BOUNDED>
+    __m512i codes(__m512 x) const {
         const __m512i w = _mm512_castps_si512(x);
-        const __m512i a = _mm512_and_si512(w, _mm512_set1_epi32(0x7fffffff));
-        __m512i mb = _mm512_add_epi32(_mm512_sra_epi32(_mm512_sub_epi32(a, base), shift), one);
-        mb = _mm512_min_epi32(_mm512_max_epi32(mb, _mm512_setzero_si512()), top);
-        const __m512i low = _mm512_and_si512(a, mask);
+        const __m512i bits = _mm512_and_si512(w, _mm512_set1_epi32(0x7fffffff));
+        const __m512 a = _mm512_castsi512_ps(bits);
+        __m512i binade = _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), binade_base), _mm512_setzero_si512());
+        if (!BOUNDED) binade = _mm512_min_epi32(binade, last_binade);
+        const __m512 junction = _mm512_permutex2var_ps(junction_a, binade, junction_b);
+        __m512i piece = _mm512_permutex2var_epi32(piece_lo_a, binade, piece_lo_b);
+        piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, junction, _CMP_GE_OQ), piece, one);
+        // y >= 0 (the pieces' estimates are), so truncation is its floor; y - round(y) in one
+        // vreduceps: the lane is near an integer where that is under the margin. At a junction
+        // itself the sign decides (a tie goes to the larger code, so |x| at the junction counts
+        // for x > 0, not for x < 0); off it, negative thresholds sit where the positive ones do
+        // or one unit in the last place below, and the junction compare holds for both signs.
+        const __m512 y = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(piece, piece_scale), _mm512_permutexvar_ps(piece, piece_offset));
+        const __m512 off = _mm512_reduce_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __mmask16 slow = _mm512_cmp_ps_mask(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(off), _mm512_set1_epi32(0x7fffffff))),
+                                            margin, _CMP_LT_OQ) |
+                         _mm512_cmp_ps_mask(a, junction, _CMP_EQ_OQ);
+        if (!BOUNDED) slow |= _mm512_cmp_ps_mask(a, big, _CMP_NLT_UQ);
+        const __m512i e = _mm512_min_epi32(_mm512_cvttps_epi32(y), _mm512_permutexvar_epi32(piece, piece_top));
         const __mmask16 negative = _mm512_movepi32_mask(w);
-        const __m512i idx = _mm512_mask_blend_epi32(negative, _mm512_add_epi32(mb, negative_buckets),
-                                                    _mm512_sub_epi32(last_negative, _mm512_min_epi32(mb, last_negative)));
-        const __m512i key = _mm512_mask_sub_epi32(low, negative, mask, low);
-        const __m512i entry = _mm512_i32gather_epi32(idx, reinterpret_cast<const int*>(buckets), 4);
-        const __m512i code = _mm512_and_si512(entry, low_byte);
-        const __mmask16 up = _mm512_cmpge_epu32_mask(key, _mm512_srli_epi32(entry, 8));
-        const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-        return _mm512_mask_mov_epi32(_mm512_mask_add_epi32(code, up, code, one), nan, last_code);
+        __m512i code;
+        if (SIGNED) {
+            const __m512i below = _mm512_max_epi32(_mm512_sub_epi32(zero_code, e), _mm512_setzero_si512());
+            code = _mm512_mask_blend_epi32(negative, _mm512_add_epi32(zero_code, e), below);
+        } else {
+            code = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~negative), e);  // every negative x: code 0
+        }
+        if (slow != 0) code = redo(x, code, slow);
+        return code;
+    }
+    __m512i redo(__m512 x, __m512i code, __mmask16 lanes) const {
+        alignas(64) float xs[16];
+        alignas(64) std::int32_t codes[16];
+        _mm512_store_ps(xs, x);
+        _mm512_store_si512(codes, code);
+        for (int k = 0; k < 16; ++k)
+            if ((lanes >> k) & 1u) codes[k] = static_cast<std::int32_t>(quantize_code(xs[k], *book));
+        return _mm512_load_si512(codes);
     }
 };
 
@@ -270,18 +303,26 @@ struct Lane<F32x16> : VectorLane {
     using Quantizer = QuantizerX16;
     template <int BITS>
     struct Dequantizer {
-        const float* values;
-        __m512 book;  // 4 bits: the whole book in one register
-        explicit Dequantizer(const QuantMap& q) : values(q.values), book(_mm512_loadu_ps(q.values)) {}
+        __m512 book[16];  // the book's values, 16 a register (4 bits: book[0])
+        explicit Dequantizer(const QuantMap& q) {
+            for (int k = 0; k < (BITS == 8 ? 16 : 1); ++k) book[k] = _mm512_loadu_ps(q.values + 16 * k);
+        }
         F32x16 operator()(const std::uint8_t* codes, std::int64_t i) const {
             if (BITS == 8) {
+                // eight two-register permutes (32 values each, by the code's low 5 bits), then
+                // three rounds of blends by bits 5, 6, 7: no gather (QuantizerX16)
                 const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-                return {_mm512_i32gather_ps(idx, values, 4)};
+                const auto pair = [&](int k) { return _mm512_permutex2var_ps(book[2 * k], idx, book[2 * k + 1]); };
+                const auto bit = [&](int b) { return _mm512_test_epi32_mask(idx, _mm512_set1_epi32(1 << b)); };
+                const __mmask16 b5 = bit(5), b6 = bit(6), b7 = bit(7);
+                const __m512 low = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, pair(0), pair(1)), _mm512_mask_blend_ps(b5, pair(2), pair(3)));
+                const __m512 high = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, pair(4), pair(5)), _mm512_mask_blend_ps(b5, pair(6), pair(7)));
+                return {_mm512_mask_blend_ps(b7, low, high)};
             }
             const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i / 2));
             const __m128i nibble = _mm_set1_epi8(0x0f);
             const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), nibble), lo = _mm_and_si128(x, nibble);
-            return {_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), book)};
+            return {_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), book[0])};
         }
     };
     template <int BITS>
@@ -409,7 +450,8 @@ struct Lane<F32x8> : VectorLane {
               mask(_mm256_set1_epi32((1 << q.shift) - 1)), negative_buckets(_mm256_set1_epi32(q.negative_buckets)),
               last_negative(_mm256_set1_epi32(q.negative_buckets - 1)), low_byte(_mm256_set1_epi32(0xff)),
               last_code(_mm256_set1_epi32((1 << q.bits) - 1)), shift(_mm_cvtsi32_si128(q.shift)), buckets(q.buckets) {}
-        __m256i operator()(__m256 x) const {
+        template <bool SIGNED, bool BOUNDED>  // (the vector estimate's options; the table lookup needs none)
+        __m256i codes(__m256 x) const {
             const __m256i w = _mm256_castps_si256(x);
             const __m256i a = _mm256_and_si256(w, _mm256_set1_epi32(0x7fffffff));
             __m256i mb = _mm256_add_epi32(_mm256_sra_epi32(_mm256_sub_epi32(a, base), shift), one);

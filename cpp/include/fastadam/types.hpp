@@ -152,7 +152,25 @@ struct QuantMap {
     // 2^shift for none) << 8
     const std::uint32_t* buckets = nullptr;
     std::int32_t bucket_count = 0;
+    // The AVX-512 path's estimate (lanes.hpp, QuantizerX16), without a table lookup per
+    // element: E(|x|), the number of positive thresholds at or below |x|, is affine between
+    // junctions (the values of a decade of the dynamic map are evenly spaced). |x|'s
+    // binade picks its piece (binade_piece, plus 1 at or above binade_junction), and
+    // E = min(floor(|x| * piece_scale + piece_offset), piece_top). The code is then
+    // zero_code + E, or zero_code - E for negative x (at least 0). Lanes whose estimate
+    // is within kEstimateMargin of an integer, or |x| at the junction, or |x| >=
+    // 2^(binade_base - 96), take quantize_code.
+    std::int32_t zero_code = 0;    // the code of 0: thresholds below zero
+    std::int32_t binade_base = 0;  // binade index = clamp(biased exponent of |x| - binade_base, 0, 31)
+    std::int32_t binade_piece[32] = {};
+    float binade_junction[32] = {};
+    float piece_scale[16] = {}, piece_offset[16] = {};
+    std::int32_t piece_top[16] = {};
 };
+// How close to an integer the estimate may come before a lane is quantized one at a time:
+// 2^-12, against the estimate's error of under 5e-5 (the float arithmetic, and thresholds
+// off their even grid by their rounding to float).
+constexpr float kEstimateMargin = 1.0f / 4096;
 
 // The four code books: 8 bits signed (exp_avg) and unsigned (exp_avg_sq), 4 bits signed
 // and unsigned. Built once, when the library loads.
