@@ -110,6 +110,7 @@ private:
     std::uintptr_t torch_grad(std::size_t i, PyObject* grad);
     [[noreturn]] void raise_grad_error(std::size_t i, PyObject* grad) const;
     std::int64_t torch_count(std::size_t i) const;
+    void torch_read(fastadam_torch_meta* out);  // the helper's reads of every tensor
     void torch_bump_versions();
     void torch_count_steps();
 

@@ -10,7 +10,12 @@
 //
 // For SGD, steps[i] may be None (the momentum buffer is not new: the kernel's count is 2)
 // or a count like Adam's, where 0 means "the buffer is new: set it to the gradient".
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "step_plan.hpp"
 
@@ -243,7 +248,7 @@ bool StepPlan::torch_step(py::handle groups) {
     read_hypers(groups);  // which state a step needs depends on them (amsgrad, momentum)
     prefetch();
     Torch& t = *torch_;
-    if (t.meta != nullptr && n > 0 && t.meta->read(t.tensors.ptr(), t.now.data()) < 0) throw py::error_already_set();
+    if (t.meta != nullptr && n > 0) torch_read(t.now.data());
     for (std::size_t i = 0; i < n; ++i) {
         const int r = t.meta != nullptr ? torch_tensor_meta(i) : torch_tensor(i);
         if (r < 0) return false;
@@ -259,6 +264,56 @@ bool StepPlan::torch_step(py::handle groups) {
     return true;
 }
 
+namespace {
+
+// Tensors per unit when the helper's per-tensor work is split across threads: about 10 us
+// of it, against a unit's claim of well under a microsecond.
+constexpr std::size_t kTensorsPerUnit = 64;
+
+// The helper's reads or bumps in units of kTensorsPerUnit tensors (fastadam::run_units):
+// each tensor is a chain of cache misses (the previous kernel pass evicted its metadata),
+// and two cores wait for two chains at once (docs/performance.md, "The torch adapter").
+// Returns 0, or the first failing unit's code (-1 with `error` set, -2: a tensor needs the GIL).
+template <class Range>
+int run_in_units(std::size_t n, Range range, std::string* error) {
+    struct Job {
+        Range& range;
+        std::size_t n;
+        std::atomic<int> failed{0};
+        char message[256] = {};
+    } job{range, n};
+    fastadam::run_units(static_cast<int>((n + kTensorsPerUnit - 1) / kTensorsPerUnit), [](void* context, int unit) {
+        Job& j = *static_cast<Job*>(context);
+        const std::size_t begin = static_cast<std::size_t>(unit) * kTensorsPerUnit;
+        const std::size_t end = std::min(j.n, begin + kTensorsPerUnit);
+        char message[256] = {};
+        const int r = j.range(begin, end, message, sizeof message);
+        int expected = 0;
+        if (r != 0 && j.failed.compare_exchange_strong(expected, r)) std::memcpy(j.message, message, sizeof message);
+    }, &job);
+    *error = job.message;
+    return job.failed.load();
+}
+
+}  // namespace
+
+void StepPlan::torch_read(fastadam_torch_meta* out) {
+    Torch& t = *torch_;
+    const std::size_t n = entries_.size();
+    if (n >= 4 * kTensorsPerUnit) {
+        std::string error;
+        PyObject* tensors = t.tensors.ptr();
+        const auto* meta = t.meta;
+        const int r = run_in_units(n, [&](std::size_t b, std::size_t e, char* message, std::size_t size) {
+            return meta->read_range(tensors, static_cast<Py_ssize_t>(b), static_cast<Py_ssize_t>(e), out + b, message, size);
+        }, &error);
+        if (r == 0) return;
+        if (r == -1) throw std::runtime_error(error);
+        // -2: a tensor with Python dispatch; all of them again, with the GIL
+    }
+    if (t.meta->read(t.tensors.ptr(), out) < 0) throw py::error_already_set();
+}
+
 // Each updated param's version, as torch's in-place ops bump it (autograd then refuses a
 // retained graph that saved the old values); one call for all.
 void StepPlan::torch_bump_versions() {
@@ -268,6 +323,17 @@ void StepPlan::torch_bump_versions() {
     for (std::size_t i = 0; i < n; ++i) count += stepped_[i];
     if (count == 0) return;
     if (t.meta != nullptr) {
+        if (n >= 4 * kTensorsPerUnit) {
+            std::string error;
+            PyObject* tensors = t.tensors.ptr();
+            const auto* meta = t.meta;
+            const unsigned char* stepped = stepped_.data();
+            const int r = run_in_units(n, [&](std::size_t b, std::size_t e, char* message, std::size_t size) {
+                return meta->bump_range(tensors, static_cast<Py_ssize_t>(b), static_cast<Py_ssize_t>(e), stepped, message, size);
+            }, &error);
+            if (r != 0) throw std::runtime_error(error);
+            return;
+        }
         if (t.meta->bump_versions(t.tensors.ptr(), stepped_.data()) < 0) throw py::error_already_set();
         return;
     }

@@ -380,6 +380,25 @@ const KernelTable& checked_table(Isa isa) {
 
 }  // namespace
 
+void run_units(int units, void (*fn)(void* context, int unit), void* context) {
+    const int threads = static_cast<int>(std::min<std::int64_t>(
+        {max_threads(default_threads()), std::int64_t{usable_cpus()}, std::int64_t{WorkPool::kMaxShares}, std::int64_t{units}}));
+    WorkPool& pool = WorkPool::instance();
+    if (threads <= 1 || !pool.helpers_ready(threads - 1)) {
+        for (int u = 0; u < units; ++u) fn(context, u);
+        return;
+    }
+    struct Job {
+        void (*fn)(void*, int);
+        void* context;
+        int units;
+    } job{fn, context, units};
+    pool.run(threads, (units + threads - 1) / threads, [](void* c, int u) {
+        const Job& j = *static_cast<const Job*>(c);
+        if (u < j.units) j.fn(j.context, u);
+    }, &job);
+}
+
 const char* isa_name(Isa isa) {
     switch (isa) {
         case Isa::baseline: return "baseline";

@@ -3,6 +3,7 @@
 // torch.utils.cpp_extension against the torch it runs with (a wheel cannot link one).
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstring>
 #include <exception>
 
 #include "torch_meta.h"
@@ -27,52 +28,83 @@ uint64_t shape_key(c10::IntArrayRef sizes) {
 
 void set_error(const char* what) { PyErr_SetString(PyExc_RuntimeError, what); }
 
-int read(PyObject* tensors, fastadam_torch_meta* out) {
-    const Py_ssize_t n = PyTuple_GET_SIZE(tensors);
-    try {
-        for (Py_ssize_t i = 0; i < n; ++i) {
-            const at::Tensor& p = THPVariable_Unpack(PyTuple_GET_ITEM(tensors, i));
-            fastadam_torch_meta& m = out[i];
-            m.param_dtype = static_cast<int32_t>(p.scalar_type());
-            m.param_shape = shape_key(p.sizes());
-            const bool param_ok = dense_cpu(p) && !p.is_inference();  // torch forbids writing inference tensors
-            m.param_ptr = param_ok ? reinterpret_cast<uintptr_t>(p.data_ptr()) : 0;
-            m.param_nbytes = param_ok ? static_cast<int64_t>(p.nbytes()) : -1;
-            m.grad_ptr = 0;
-            const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // TensorBase::grad() also asks is_leaf()
-            if (!g.defined()) {
-                m.grad_state = 0;
-            } else if (g.scalar_type() == p.scalar_type() && dense_cpu(g) && g.sizes().equals(p.sizes())) {
-                m.grad_state = 1;
-                m.grad_ptr = reinterpret_cast<uintptr_t>(g.data_ptr());
-            } else {
-                m.grad_state = 2;
-            }
+void copy_error(const char* what, char* error, size_t size) {
+    if (size == 0) return;
+    std::strncpy(error, what, size - 1);
+    error[size - 1] = '\0';
+}
+
+// A tensor whose methods a Python subclass may implement (__torch_dispatch__): reading it
+// can call Python, which a thread without the GIL must not.
+struct NeedsGil {};
+void check_no_python(const at::Tensor& t, bool gil) {
+    if (!gil && t.defined() && t.unsafeGetTensorImpl()->is_python_dispatch()) throw NeedsGil{};
+}
+
+// tensors[begin, end). Without `gil` no Python API call and no reference count is touched,
+// so any thread may run it (read_range).
+void read_tensors(PyObject* tensors, Py_ssize_t begin, Py_ssize_t end, fastadam_torch_meta* out, bool gil) {
+    for (Py_ssize_t i = begin; i < end; ++i) {
+        const at::Tensor& p = THPVariable_Unpack(PyTuple_GET_ITEM(tensors, i));
+        check_no_python(p, gil);
+        fastadam_torch_meta& m = out[i - begin];
+        m.param_dtype = static_cast<int32_t>(p.scalar_type());
+        m.param_shape = shape_key(p.sizes());
+        const bool param_ok = dense_cpu(p) && !p.is_inference();  // torch forbids writing inference tensors
+        m.param_ptr = param_ok ? reinterpret_cast<uintptr_t>(p.data_ptr()) : 0;
+        m.param_nbytes = param_ok ? static_cast<int64_t>(p.nbytes()) : -1;
+        m.grad_ptr = 0;
+        const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // TensorBase::grad() also asks is_leaf()
+        check_no_python(g, gil);
+        if (!g.defined()) {
+            m.grad_state = 0;
+        } else if (g.scalar_type() == p.scalar_type() && dense_cpu(g) && g.sizes().equals(p.sizes())) {
+            m.grad_state = 1;
+            m.grad_ptr = reinterpret_cast<uintptr_t>(g.data_ptr());
+        } else {
+            m.grad_state = 2;
         }
-        return 0;
-    } catch (const std::exception& e) {
-        set_error(e.what());
-    } catch (...) {  // nothing may unwind through the C interface
-        set_error("fastadam's torch helper: unknown C++ exception");
     }
-    return -1;
 }
 
-int bump_versions(PyObject* tensors, const unsigned char* stepped) {
-    const Py_ssize_t n = PyTuple_GET_SIZE(tensors);
+// The version counter is atomic (torch's VersionCounter): threads may bump ranges at once.
+void bump_tensors(PyObject* tensors, Py_ssize_t begin, Py_ssize_t end, const unsigned char* stepped) {
+    for (Py_ssize_t i = begin; i < end; ++i)
+        if (stepped[i]) THPVariable_Unpack(PyTuple_GET_ITEM(tensors, i)).unsafeGetTensorImpl()->bump_version();
+}
+
+// Runs f, turning any C++ exception into -1 and a message (-2: a tensor needs the GIL,
+// read_range): nothing may unwind through the C interface.
+template <class F, class Fail>
+int guarded(F&& f, Fail&& fail) {
     try {
-        for (Py_ssize_t i = 0; i < n; ++i)
-            if (stepped[i]) THPVariable_Unpack(PyTuple_GET_ITEM(tensors, i)).unsafeGetTensorImpl()->bump_version();
+        f();
         return 0;
+    } catch (const NeedsGil&) {
+        fail("a tensor with Python dispatch: read it with the GIL");
+        return -2;
     } catch (const std::exception& e) {
-        set_error(e.what());
+        fail(e.what());
     } catch (...) {
-        set_error("fastadam's torch helper: unknown C++ exception");
+        fail("fastadam's torch helper: unknown C++ exception");
     }
     return -1;
 }
 
-const fastadam_torch_meta_api api{FASTADAM_TORCH_META_ABI, read, bump_versions};
+int read(PyObject* tensors, fastadam_torch_meta* out) {
+    return guarded([&] { read_tensors(tensors, 0, PyTuple_GET_SIZE(tensors), out, true); }, set_error);
+}
+int bump_versions(PyObject* tensors, const unsigned char* stepped) {
+    return guarded([&] { bump_tensors(tensors, 0, PyTuple_GET_SIZE(tensors), stepped); }, set_error);
+}
+int read_range(PyObject* tensors, Py_ssize_t begin, Py_ssize_t end, fastadam_torch_meta* out, char* error, size_t size) {
+    return guarded([&] { read_tensors(tensors, begin, end, out, false); }, [&](const char* what) { copy_error(what, error, size); });
+}
+int bump_range(PyObject* tensors, Py_ssize_t begin, Py_ssize_t end, const unsigned char* stepped, char* error, size_t size) {
+    return guarded([&] { bump_tensors(tensors, begin, end, stepped); }, [&](const char* what) { copy_error(what, error, size); });
+}
+
+const fastadam_torch_meta_api api{FASTADAM_TORCH_META_ABI, read, bump_versions, read_range, bump_range};
 
 PyModuleDef module{PyModuleDef_HEAD_INIT, FASTADAM_STR(TORCH_EXTENSION_NAME), "fastadam's torch helper (torch_meta.h)", -1, nullptr};
 

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define FASTADAM_TORCH_META_CAPSULE "fastadam.torch_meta.api"
-#define FASTADAM_TORCH_META_ABI 2u
+#define FASTADAM_TORCH_META_ABI 3u
 
 /* What one step needs to know of a parameter and its .grad. */
 typedef struct fastadam_torch_meta {
@@ -32,6 +32,14 @@ typedef struct fastadam_torch_meta_api {
     /* Bumps the version counter of each tensors[i] with stepped[i] != 0, as torch's
      * in-place ops do; returns 0, or -1 with a Python exception set. */
     int (*bump_versions)(PyObject* tensors, const unsigned char* stepped);
+    /* read and bump_versions for tensors[begin, end) only, without the GIL and without
+     * touching a Python object's reference count, so that several threads can each take
+     * a range (the reads are cache misses, which two cores wait for at once): fills
+     * out[i - begin]; returns 0, or -1 with a message in error[0, error_size), or -2 where
+     * a tensor has Python dispatch (a subclass's methods may call Python): read it then
+     * with read(). bump_versions needs no GIL (torch's version counter is atomic). */
+    int (*read_range)(PyObject* tensors, Py_ssize_t begin, Py_ssize_t end, fastadam_torch_meta* out, char* error, size_t error_size);
+    int (*bump_range)(PyObject* tensors, Py_ssize_t begin, Py_ssize_t end, const unsigned char* stepped, char* error, size_t error_size);
 } fastadam_torch_meta_api;
 
 #endif

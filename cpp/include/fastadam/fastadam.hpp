@@ -54,6 +54,12 @@ constexpr std::int64_t kMinElementsPerThread = FASTADAM_MIN_ELEMENTS_PER_THREAD;
 #endif
 constexpr std::int64_t kMinElementsToWake = FASTADAM_MIN_ELEMENTS_TO_WAKE;
 
+// Runs fn(context, u) for every u in [0, units) on the calling thread and, where the
+// step's worker threads are spinning (steps arriving back to back), on them too; it never
+// wakes a sleeping worker. For per-tensor work beside a step that is cache misses more
+// than arithmetic (the torch adapter's reads of each tensor's metadata).
+void run_units(int units, void (*fn)(void* context, int unit), void* context);
+
 // Multi-tensor steps: all tensors in one call, one parallel region, the work split
 // by element ranges over the concatenation of all tensors.
 void adam_step(const AdamTensor<float>* tensors, std::size_t count);
