@@ -191,3 +191,17 @@ def test_core_imports_no_mpi4py_and_a_missing_mpi4py_names_the_extra():
     assert proc.returncode == 0, proc.stderr
     assert 'pip install "fastadam[mpi]"' in proc.stdout and "mpi4py" in proc.stdout
 
+
+def test_bench_distributed_quick_runs():
+    """bench/distributed.py --quick (a small model on 1 and 2 ranks): its table, no timing assertions."""
+    bench = HERE.parent / "bench" / "distributed.py"
+    if not bench.is_file():
+        if in_ci():
+            pytest.fail(f"{bench} not found: copy bench/ beside tests/")
+        pytest.skip(f"{bench} not found: copy bench/ beside tests/ to run it")
+    mpiexec()
+    proc = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("fp32", "bf16"))]
+    assert [(r[0], r[1]) for r in rows] == [("fp32", "1"), ("fp32", "2"), ("bf16", "1"), ("bf16", "2")], proc.stdout
+    assert all(float(r[3]) > 0 for r in rows), proc.stdout
