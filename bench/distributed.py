@@ -20,6 +20,7 @@ steps of all rounds. ``fastadam.AdamW`` (one process, the whole model, the same 
     python bench/distributed.py                          # 1 and 2 ranks, fp32 and bf16
     python bench/distributed.py --ranks 1,2,3 --modes fp32 --rounds 3
     python bench/distributed.py --quick                  # small model, CI smoke run
+    python bench/distributed.py --parts                  # the averaging's NumPy variants (one process)
 
 Modes: fp32 (float32 params and gradients) and bf16 (bfloat16 params with float32
 master weights, bfloat16 gradients, max_grad_norm=1.0).
@@ -106,6 +107,67 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(out), flush=True)
 
 
+def parts(args: argparse.Namespace) -> None:
+    """The averaging's NumPy variants on half of GPT-2 small (two ranks' pieces of one shard):
+    the choices behind fastadam.distributed._BLOCK and _widen_bf16, interleaved, medians."""
+    import ml_dtypes
+
+    from fastadam.distributed import _BLOCK, _widen_bf16
+
+    n = sum(int(np.prod(s)) for s in gpt2_small_shapes()) // 2
+    rng = np.random.default_rng(0)
+    f32 = [rng.standard_normal(n, dtype=np.float32) for _ in range(2)]
+    bf16 = [a.astype(ml_dtypes.bfloat16) for a in f32]
+    out, scratch, two = np.empty(n, np.float32), np.empty(_BLOCK, np.float32), np.float32(2)
+
+    def whole() -> None:
+        np.copyto(out, f32[0])
+        np.add(out, f32[1], out=out)
+        np.divide(out, two, out=out)
+
+    def blocked_copy() -> None:
+        for a in range(0, n, _BLOCK):
+            o = out[a : a + _BLOCK]
+            np.copyto(o, f32[0][a : a + _BLOCK])
+            np.add(o, f32[1][a : a + _BLOCK], out=o)
+            np.divide(o, two, out=o)
+
+    def blocked(size: int = _BLOCK) -> None:  # fastadam.distributed's
+        for a in range(0, n, size):
+            o = out[a : a + size]
+            np.add(f32[0][a : a + size], f32[1][a : a + size], out=o, dtype=np.float32)
+            np.divide(o, two, out=o)
+
+    def bf16_cast() -> None:
+        for a in range(0, n, _BLOCK):
+            o = out[a : a + _BLOCK]
+            np.add(bf16[0][a : a + _BLOCK], bf16[1][a : a + _BLOCK], out=o, dtype=np.float32)
+            np.divide(o, two, out=o)
+
+    def bf16_shift() -> None:  # fastadam.distributed's
+        for a in range(0, n, _BLOCK):
+            o = out[a : a + _BLOCK]
+            _widen_bf16(bf16[0][a : a + _BLOCK], o)
+            np.add(o, _widen_bf16(bf16[1][a : a + _BLOCK], scratch[: o.size]), out=o)
+            np.divide(o, two, out=o)
+
+    variants = {"fp32, whole arrays (copy, add, divide)": whole, f"fp32, blocks of {_BLOCK} (copy, add, divide)": blocked_copy,
+                f"fp32, blocks of {_BLOCK} (add into, divide; used)": blocked,
+                f"fp32, blocks of {_BLOCK // 2} (add into, divide)": lambda: blocked(_BLOCK // 2),
+                f"fp32, blocks of {_BLOCK * 2} (add into, divide)": lambda: blocked(_BLOCK * 2),
+                "bf16, ufunc cast to float32": bf16_cast,
+                "bf16, widened by a bit shift (used)": bf16_shift}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds * 3):
+        for name, f in variants.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    print(f"averaging two ranks' {n:,}-element pieces ({args.rounds * 3} interleaved rounds, medians):")
+    for name, ts in times.items():
+        print(f"  {name:50s} {statistics.median(ts) * 1e3:7.1f} ms")
+
+
 def launch(args: argparse.Namespace) -> None:
     mpiexec = shutil.which("mpiexec", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if mpiexec is None:
@@ -168,11 +230,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="fastadam threads per rank (0: cores / ranks)")
     parser.add_argument("--quick", action="store_true", help="a small model, 1 round (CI smoke run)")
+    parser.add_argument("--parts", action="store_true", help="time the averaging's NumPy variants instead (one process)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.parts:
+        parts(args)
         return
     if args.quick:
         args.rounds, args.steps, args.warmup = 1, 3, 1

@@ -71,10 +71,10 @@ _RECV_ELEMENTS = 1 << 23
 # Largest message, in elements: keeps every count far below MPI's int limit.
 _MAX_MESSAGE = 1 << 26
 # Elements per block of the averaging's and the gradient transform's NumPy operations:
-# 512 KiB of float32, which stays in a core's L2 cache between the operations on it.
-# (Summing two 62M-element float32 arrays and dividing: 45 ms whole, 35 ms in blocks of
-# 2^17, 33 ms adding the first two into the block rather than copying the first; 2^16 and
-# 2^18 were slower; medians of 5 on the machine of docs/performance.md.)
+# 512 KiB of float32, which stays in a core's L2 cache between the operations on it
+# (two ranks' 62M-element pieces averaged: 42.6 ms whole, 28.2 ms in these blocks, 29.6 and
+# 29.2 in blocks of 2^16 and 2^18; `python bench/distributed.py --parts --rounds 6`,
+# docs/design.md, "Sharded optimizer").
 _BLOCK = 1 << 17
 _TAG_GRAD, _TAG_PARAM, _TAG_STATE = 181, 182, 183
 _GRAD_DTYPES = ("float32", "bfloat16", "float16")
@@ -126,7 +126,7 @@ def _spans(start: int, stop: int, longest: int) -> list[tuple[int, int]]:
 
 def _widen_bf16(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """bfloat16 ``x`` widened exactly into float32 ``out`` (its bits shifted into a float's top
-    half, as ml_dtypes' cast; 1.5x faster than it through a ufunc's casting)."""
+    half, as ml_dtypes' cast does; 1.5x faster than that cast inside a ufunc, bench/distributed.py --parts)."""
     np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     return out
 
