@@ -49,8 +49,9 @@ echo "bundled libraries: $(ls "$work"/unz/fastadam.libs 2>/dev/null | tr '\n' ' 
 echo "== packaging: fresh venv, install the repaired wheel + test extras, tests from outside the source tree"
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --upgrade pip
-# cython + setuptools: the Cython cimport test compiles an extension against the wheel.
-"$work/venv/bin/python" -m pip install -q "$whl[test]" torch==2.13.0 "cython>=3" setuptools
+# cython + setuptools: the Cython cimport test compiles an extension against the wheel;
+# mpi4py + mpich: fastadam.distributed's tests (mpiexec).
+"$work/venv/bin/python" -m pip install -q "$whl[test]" torch==2.13.0 "cython>=3" setuptools "mpi4py>=4" mpich
 # The benchmark's peers (DeepSpeed, optax) are not installed here: .ci/run's peers step checks
 # them; their tests skip visibly in this run. bench/ and README.md go beside tests/ for the
 # harness's smoke test and tests/test_readme.py.

@@ -299,6 +299,40 @@ def test_empty_tensors_and_bf16_offsets_in_the_norm_and_step(mode):
                 assert_same_state(got_tensor, want_tensor, {"isa": isa, "offset": offset, "tensor": k})
 
 
+@pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16", "float16"])
+def test_grad_sq_block_sums_are_the_norm_pass_in_parts(grad_dtype):
+    # _core._grad_sq_block_sums (fastadam.distributed's norm): one sum per block of 4096
+    # elements of each tensor; added in order from 0.0, they are grad_sq_sum's bits on
+    # every path and thread count, and pieces cut on multiples of 4096 give the same blocks.
+    dtype = ml_dtypes.bfloat16 if grad_dtype == "bfloat16" else np.dtype(grad_dtype)
+    rng = np.random.default_rng(11)
+    sizes = [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 70000]
+    grads = [(rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3, n)).astype(dtype) for n in sizes]
+    for grad_scale in (None, 3.0, 1024.0):
+        want = reference.grad_sq_sum(grads, grad_scale)
+        first = None
+        for isa in fastadam.available_isas():
+            fastadam.set_isa(isa)
+            for threads in THREADS:
+                fastadam.set_num_threads(threads)
+                sums = _core._grad_sq_block_sums(grads, grad_scale)
+                assert sums.dtype == np.float64 and sums.shape == (sum(-(-n // 4096) for n in sizes),)
+                total = 0.0
+                for s in sums:
+                    total += float(s)
+                assert total == want, (isa, threads, grad_scale)
+                first = sums if first is None else first
+                assert same_bits(sums, first), (isa, threads)
+        pieces = [g[a:b] for g in grads for a, b in ((0, 4096), (4096, 3 * 4096), (3 * 4096, None)) if g[a:b].size]
+        assert same_bits(_core._grad_sq_block_sums(pieces, grad_scale), first)
+    with pytest.raises(TypeError, match=r"grads\[0\] is float64"):
+        _core._grad_sq_block_sums([np.zeros(3)])
+    with pytest.raises(ValueError, match=r"grad_scale must be a finite number > 0"):
+        _core._grad_sq_block_sums(grads, 0.0)
+    with pytest.raises(ValueError, match=r"grads\[0\] is not C-contiguous"):
+        _core._grad_sq_block_sums([np.zeros(8, np.float32)[::2]])
+
+
 def _f16_rounding_cases():
     # Every float whose exponent reaches float16 (subnormal grid to overflow), with every
     # pattern of the 13 bits a narrowing drops (ties included) under 8 of the kept 10;

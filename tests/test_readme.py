@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import in_ci, torch_or_skip
+from conftest import import_or_skip, in_ci, torch_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -51,6 +51,8 @@ def test_readme_has_python_blocks():
 def test_python_block_runs_as_written(tmp_path, line, code):
     if re.search(r"^\s*(import torch|from torch|import fastadam\.torch|from fastadam\.torch|from fastadam import torch)", code, re.M):
         torch_or_skip()
+    if "fastadam.distributed" in code:
+        import_or_skip("mpi4py", 'mpi4py mpich (pip install "fastadam[mpi]")', "the README's sharded-optimizer block")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"README.md line {line}: the block failed\n{code}\n--- stderr:\n{out.stderr[-4000:]}"
 

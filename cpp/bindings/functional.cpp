@@ -589,6 +589,36 @@ PyMethodDef kMethods[] = {
 
 PyMethodDef* functional_methods() { return kMethods; }
 
+// _grad_sq_block_sums(grads, grad_scale=None): the norm pass's block sums (fastadam.hpp,
+// grad_sq_block_sums) as a float64 array, for fastadam.distributed, whose ranks each hold
+// a shard of the gradients and add every rank's sums in order (the one-process norm).
+py::array_t<double> grad_sq_block_sums(const py::handle& grads, const py::handle& grad_scale) {
+    constexpr const char* fn = "_grad_sq_block_sums()";
+    const std::size_t n = check_list(grads, fn, "grads", 0, false);
+    std::vector<GradView> views(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        const ArgName name{fn, kGrad, i, true};
+        const Buffer b = check_array(item(grads, i), name, false, true);
+        if (b.dtype == DType::f64) throw_type(name.str() + " is float64; the norm pass takes float32, bfloat16 and float16 gradients");
+        views[i] = GradView{b.data, storage_of(b.dtype), b.size};
+    }
+    GradTransform transform;
+    if (!grad_scale.is_none()) {
+        const double scale = check_positive(grad_scale, fn, "grad_scale", "gradients are divided by it");
+        if (!(scale <= static_cast<double>(std::numeric_limits<float>::max())) || !(static_cast<float>(scale) > 0.0f))
+            throw_value(std::string(fn) + ": grad_scale must be a positive finite float32 number, got " + py::repr(grad_scale).cast<std::string>());
+        transform.unscale = true;
+        transform.grad_scale = static_cast<float>(scale);
+    }
+    py::array_t<double> out(static_cast<py::ssize_t>(fastadam::grad_sq_block_count(views.data(), n)));
+    double* data = out.mutable_data();
+    {
+        GilRelease release;
+        fastadam::grad_sq_block_sums(views.data(), n, transform, data);
+    }
+    return out;
+}
+
 // Test hook (tests/test_exact_sqrt.py): the square root of the current path's FMA lanes.
 void lane_sqrt(const py::array& x, py::array& out, const py::object& estimate) {
     const auto is_f32 = [&](const py::handle& h, bool writeable) {

@@ -62,6 +62,9 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
     m.def("_hyper_names", &fb::hyper_names, py::arg("kind"));
     m.def("_lane_sqrt", &fb::lane_sqrt, py::arg("x"), py::arg("out"), py::arg("estimate") = py::none());
     fb::register_quantized(m);
+    m.def("_grad_sq_block_sums", &fb::grad_sq_block_sums, py::arg("grads"), py::arg("grad_scale") = py::none(),
+          "The norm pass's sums of squares per block of 4096 elements of each gradient, in its order (float64); "
+          "their sum in order is the squared global norm (fastadam.reference.grad_sq_sum).");
 
     m.def("available_isas", [] {
         py::list out;

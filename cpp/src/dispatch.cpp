@@ -324,10 +324,10 @@ void run_adam_mixed(const AdamMixedTensor* tensors, std::size_t count, const Ker
         [](const AdamMixedTensor& a, const AdamMixedTensor& b) { return a.hyper == b.hyper && a.step == b.step; }, table.adam_mixed);
 }
 
-// Every block's sum of squares (types.hpp, kNormBlock), on the pool's threads, then their
-// sum in block order on the caller: the order, and so the bits, do not depend on threads.
-double run_grad_sq_sum(const GradView* grads, std::size_t count, const GradTransform& transform, const KernelTable& table,
-                       int num_threads) {
+// Every block's sum of squares (types.hpp, kNormBlock) into sums[0, grad_sq_block_count),
+// tensor after tensor, on the pool's threads; each block's value does not depend on threads.
+void run_grad_sq_blocks(const GradView* grads, std::size_t count, const GradTransform& transform, const KernelTable& table,
+                        int num_threads, double* sums) {
     std::vector<std::int64_t> first_block(count + 1, 0);
     std::int64_t total = 0;
     for (std::size_t k = 0; k < count; ++k) {
@@ -335,11 +335,10 @@ double run_grad_sq_sum(const GradView* grads, std::size_t count, const GradTrans
         total += grads[k].size;
     }
     const std::int64_t blocks = first_block[count];
-    std::vector<double> sums(static_cast<std::size_t>(blocks));
     struct Job {
         const GradView* grads;
         const std::vector<std::int64_t>& first_block;
-        std::vector<double>& sums;
+        double* sums;
         const GradTransform& transform;
         const KernelTable& table;
         std::int64_t blocks;
@@ -350,7 +349,7 @@ double run_grad_sq_sum(const GradView* grads, std::size_t count, const GradTrans
                 while (b >= first_block[k + 1]) ++k;
                 const std::int64_t at = (b - first_block[k]) * kNormBlock;
                 const std::int64_t n = std::min(kNormBlock, grads[k].size - at);
-                sums[static_cast<std::size_t>(b)] =
+                sums[b] =
                     table.grad_sq_block(grads[k].dtype, grads[k].data, at, n, transform.unscale, transform.grad_scale);
             }
         }
@@ -368,6 +367,14 @@ double run_grad_sq_sum(const GradView* grads, std::size_t count, const GradTrans
             j.run(j.blocks * unit / j.units, j.blocks * (unit + 1) / j.units);
         }, &job);
     }
+}
+
+// The blocks' sums, then their sum in block order on the caller: the order, and so the
+// bits, do not depend on threads.
+double run_grad_sq_sum(const GradView* grads, std::size_t count, const GradTransform& transform, const KernelTable& table,
+                       int num_threads) {
+    std::vector<double> sums(static_cast<std::size_t>(grad_sq_block_count(grads, count)));
+    run_grad_sq_blocks(grads, count, transform, table, num_threads, sums.data());
     double sum = 0.0;
     for (double s : sums) sum += s;
     return sum;
@@ -534,6 +541,14 @@ double grad_sq_sum(const GradView* g, std::size_t n, const GradTransform& tr, Is
     return run_grad_sq_sum(g, n, tr, checked_table(isa), threads);
 }
 double grad_sq_sum(const GradView* g, std::size_t n, const GradTransform& tr) { return grad_sq_sum(g, n, tr, active_isa(), default_threads()); }
+std::int64_t grad_sq_block_count(const GradView* g, std::size_t n) {
+    std::int64_t blocks = 0;
+    for (std::size_t k = 0; k < n; ++k) blocks += (g[k].size + kNormBlock - 1) / kNormBlock;
+    return blocks;
+}
+void grad_sq_block_sums(const GradView* g, std::size_t n, const GradTransform& tr, double* out) {
+    run_grad_sq_blocks(g, n, tr, checked_table(active_isa()), default_threads(), out);
+}
 
 void adam_step(const AdamTensor<float>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }
 void adam_step(const AdamTensor<double>* t, std::size_t n) { adam_step(t, n, active_isa(), default_threads()); }

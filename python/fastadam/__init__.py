@@ -7,6 +7,8 @@ readable NumPy reference in :mod:`fastadam.reference`.
 Functional API (in place): :func:`adam_step`, :func:`adam_step_multi`, :func:`sgd_step`.
 Optimizers (torch.optim's interface): :class:`Adam`, :class:`AdamW`, :class:`SGD`; for
 torch tensors, ``fastadam.torch.Adam`` / ``AdamW`` / ``SGD`` (imported on request only).
+Sharded over MPI ranks (ZeRO stage 1): ``fastadam.distributed.ShardedAdam`` / ``ShardedAdamW``
+(imported on request only; ``pip install "fastadam[mpi]"``).
 C++/Cython: :func:`get_include` (headers; ``cimport fastadam.kernel``, see kernel.pxd).
 Control: :func:`set_isa` / :func:`get_isa` / :func:`available_isas` (or the
 environment variable ``FASTADAM_ISA``), :func:`set_num_threads` / :func:`get_num_threads`.

@@ -96,6 +96,13 @@ void adam_step(const AdamMixedTensor* tensors, std::size_t count, Isa isa, int n
 // the global L2 norm that clipping uses; a non-finite sum means a non-finite gradient.
 double grad_sq_sum(const GradView* grads, std::size_t count, const GradTransform& transform);
 double grad_sq_sum(const GradView* grads, std::size_t count, const GradTransform& transform, Isa isa, int num_threads);
+// Its parts, for callers that hold the gradients in pieces (fastadam.distributed: each
+// rank one contiguous shard, cut on multiples of kNormBlock from each tensor's start): the
+// number of blocks (per tensor, ceil(size / kNormBlock)), and each block's sum of squares
+// into out[0, grad_sq_block_count), in grad_sq_sum's order. grad_sq_sum is
+// those sums added one after the other, from 0.0, in that order.
+std::int64_t grad_sq_block_count(const GradView* grads, std::size_t count);
+void grad_sq_block_sums(const GradView* grads, std::size_t count, const GradTransform& transform, double* out);
 
 // The float square root that `isa`'s Adam loops compute without the divide unit
 // (lanes.hpp), over n elements; paths without such lanes take the IEEE square root.
