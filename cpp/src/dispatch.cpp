@@ -501,8 +501,6 @@ void quantize_codes(const float* x, std::uint8_t* codes, std::int64_t n, const Q
 std::int64_t quantizer_mismatches(const QuantMap& book, Isa isa, std::int64_t every, std::uint32_t* first) {
     const KernelTable& table = checked_table(isa);
     constexpr std::uint32_t chunk = 1u << 16;
-    std::vector<std::uint32_t> bits(chunk);
-    std::vector<std::uint8_t> codes(chunk);
     const float* thresholds = book.thresholds;
     const int count = (1 << book.bits) - 1;
     const auto expected = [&](std::uint32_t b) {
@@ -510,29 +508,39 @@ std::int64_t quantizer_mismatches(const QuantMap& book, Isa isa, std::int64_t ev
         std::memcpy(&x, &b, 4);
         return x != x ? count : static_cast<int>(std::upper_bound(thresholds, thresholds + count, x) - thresholds);
     };
-    std::int64_t mismatches = 0;
-    // Chunks of consecutive bit patterns are monotone in value (each sign apart): where the
-    // first and last element have one code and no NaN is inside, every element has it.
-    // (Every chunk that holds a threshold is checked, and every `every`-th of the others.)
-    for (std::uint64_t start = 0, index = 0; start < (std::uint64_t{1} << 32); start += chunk, ++index) {
-        const std::uint32_t magnitude = static_cast<std::uint32_t>(start) & 0x7fffffffu;
-        const bool has_nan = magnitude + chunk - 1 > 0x7f800000u;
-        const int lo = expected(static_cast<std::uint32_t>(start)), hi = expected(static_cast<std::uint32_t>(start) + chunk - 1);
-        if (!has_nan && lo == hi && index % static_cast<std::uint64_t>(every) != 0) continue;
-        for (std::uint32_t k = 0; k < chunk; ++k) bits[k] = static_cast<std::uint32_t>(start) + k;
-        for (const bool bounded : {false, true}) {
-            if (bounded && magnitude >= 0x40000000u) continue;  // |x| >= 2
-            table.quantize_codes(reinterpret_cast<const float*>(bits.data()), codes.data(), chunk, book, bounded);
-            for (std::uint32_t k = 0; k < chunk; ++k) {
-                const int want = !has_nan && lo == hi ? lo : expected(bits[k]);
-                if (codes[k] != want) {
-                    if (mismatches == 0 && first != nullptr) *first = bits[k];
-                    ++mismatches;
+    // Chunks of 2^16 consecutive bit patterns are monotone in value (each sign apart): where
+    // the first and last element have one code and no NaN is inside, every element has it.
+    // Checked: every chunk that holds a threshold; with every = 1 every chunk of |x| < 2 (all
+    // a quantized block's x * inv can be) and every 64th beyond; else every `every`-th chunk.
+    // The chunks are shared by two threads (a self-check of seconds, not a step).
+    std::atomic<std::int64_t> mismatches{0};
+    std::atomic<std::uint32_t> first_bad{0};
+    const auto check = [&](std::uint64_t from_chunk, std::uint64_t step) {
+        std::vector<std::uint32_t> bits(chunk);
+        std::vector<std::uint8_t> codes(chunk);
+        for (std::uint64_t index = from_chunk; index < (std::uint64_t{1} << 16); index += step) {
+            const auto start = static_cast<std::uint32_t>(index << 16);
+            const std::uint32_t magnitude = start & 0x7fffffffu;
+            const bool has_nan = magnitude + chunk - 1 > 0x7f800000u;
+            const int lo = expected(start), hi = expected(start + chunk - 1);
+            const std::uint64_t stride = every == 1 && magnitude < 0x40000000u ? 1 : every == 1 ? 64 : static_cast<std::uint64_t>(every);
+            if (!has_nan && lo == hi && index % stride != 0) continue;
+            for (std::uint32_t k = 0; k < chunk; ++k) bits[k] = start + k;
+            for (const bool bounded : {false, true}) {
+                if (bounded && magnitude >= 0x40000000u) continue;  // |x| >= 2
+                table.quantize_codes(reinterpret_cast<const float*>(bits.data()), codes.data(), chunk, book, bounded);
+                for (std::uint32_t k = 0; k < chunk; ++k) {
+                    const int want = !has_nan && lo == hi ? lo : expected(bits[k]);
+                    if (codes[k] != want && mismatches.fetch_add(1) == 0) first_bad.store(bits[k]);
                 }
             }
         }
-    }
-    return mismatches;
+    };
+    std::thread other(check, 1, 2);
+    check(0, 2);
+    other.join();
+    if (first != nullptr && mismatches.load() > 0) *first = first_bad.load();
+    return mismatches.load();
 }
 
 void adam_step(const AdamMixedTensor* t, std::size_t n, Isa isa, int threads) { run_adam_mixed(t, n, checked_table(isa), threads); }

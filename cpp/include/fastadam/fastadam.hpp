@@ -122,7 +122,8 @@ void dequantize_blockwise(const std::uint8_t* codes, const float* absmax, std::i
 void quantize_codes(const float* x, std::uint8_t* codes, std::int64_t n, const QuantMap& book, Isa isa, bool bounded);
 // Floats through quantize_codes on `isa`, against the code the thresholds give (the number
 // at or below it; NaN: the last code): every bit pattern in each run of 2^16 that holds a
-// threshold, and every `every`-th other run (every = 1: all 2^32), through both loops (the
+// threshold, and every `every`-th other run (every = 1: every float with |x| < 2, which is
+// all a quantized block's values can be, and every 64th run beyond), through both loops (the
 // bounded one where |x| < 2). Returns how many differ;
 // *first (nullable) gets the bit pattern of the first. A self-check (seconds for all).
 std::int64_t quantizer_mismatches(const QuantMap& book, Isa isa, std::int64_t every, std::uint32_t* first);
