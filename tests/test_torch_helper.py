@@ -54,11 +54,13 @@ def test_the_helper_is_what_a_plan_uses(torch, helper):
     assert p.detach().numpy()[0] < 1
 
 
-def _train(torch, ft, steps=12):
+def _train(torch, ft, steps=12, many=0):
     """A run touching what a kept plan must notice: gradients that come and go, new
-    gradient objects, a param's data replaced, a group added, a zero-size param."""
+    gradient objects, a param's data replaced, a group added, a zero-size param. `many`
+    more params take the helper's reads in units on several threads (256 tensors and up)."""
     gen = torch.Generator().manual_seed(3)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(7, 5), (5,), (0,), (300,), (3, 3)]]
+    shapes = [(7, 5), (5,), (0,), (300,), (3, 3)] + [(1 + k % 9,) for k in range(many)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
     extra = torch.nn.Parameter(torch.randn(40, generator=gen))
     opt = ft.AdamW(params, lr=0.01, weight_decay=0.1, amsgrad=True)
     versions, helpers = [], []
@@ -84,12 +86,13 @@ def _train(torch, ft, steps=12):
     return opt, versions, helpers
 
 
-def test_the_helper_and_the_python_api_path_give_the_same_bits(torch, helper, meta, monkeypatch):
+@pytest.mark.parametrize("many", [0, 400])
+def test_the_helper_and_the_python_api_path_give_the_same_bits(torch, helper, meta, monkeypatch, many):
     import fastadam.torch as ft
 
-    with_helper, versions_with, helpers_with = _train(torch, ft)
+    with_helper, versions_with, helpers_with = _train(torch, ft, many=many)
     _helper_off(monkeypatch, meta)
-    without, versions_without, helpers_without = _train(torch, ft)
+    without, versions_without, helpers_without = _train(torch, ft, many=many)
     assert all(helpers_with) and not any(helpers_without)
     assert versions_with == versions_without  # each stepped param bumped once, others not
     assert any(0 in v for v in versions_with) and any(1 in v for v in versions_with)
@@ -102,6 +105,32 @@ def test_the_helper_and_the_python_api_path_give_the_same_bits(torch, helper, me
                 assert same_bits(sa[key].numpy(), sb[key].numpy()), key
 
 
+def test_back_to_back_steps_on_many_tensors_read_them_on_several_threads_with_the_same_bits(torch, helper, meta, monkeypatch):
+    # 400 tensors of 4096: each step runs on both cores, so between back-to-back steps the
+    # workers spin and take units of the helper's reads and checks (fastadam::run_units)
+    import fastadam.torch as ft
+
+    def run():
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(4096, generator=gen)) for _ in range(400)]
+        for p in params:
+            p.grad = torch.randn(4096, generator=gen)
+        opt = ft.AdamW(params, lr=0.01)
+        versions = [p._version for p in params]
+        for _ in range(10):
+            opt.step()
+        assert [p._version - v for p, v in zip(params, versions)] == [10] * 400
+        return params, opt
+
+    ours, opt = run()
+    assert opt._plan.torch_helper
+    _helper_off(monkeypatch, meta)
+    theirs, _ = run()
+    for p, q in zip(ours, theirs):
+        assert same_bits(p.detach().numpy(), q.detach().numpy())
+    assert float(opt.state[ours[0]]["step"]) == 10
+
+
 BAD_GRADS = {
     "strided": lambda torch, p: torch.randn(p.numel(), 2)[:, 0].reshape(p.shape),
     "negated view": lambda torch, p: torch._neg_view(torch.randn(p.shape)),
@@ -109,15 +138,21 @@ BAD_GRADS = {
 }
 
 
+@pytest.mark.parametrize("many", [0, 300])
 @pytest.mark.parametrize("kind", sorted(BAD_GRADS))
-def test_a_rejected_gradient_gets_the_same_error_on_both_paths_and_nothing_is_written(torch, helper, meta, monkeypatch, kind):
+def test_a_rejected_gradient_gets_the_same_error_on_both_paths_and_nothing_is_written(torch, helper, meta, monkeypatch, kind, many):
     import fastadam.torch as ft
 
     def attempt():
         a, b = torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.ones(6))
-        opt = ft.Adam([a, b], lr=0.1)
+        others = [torch.nn.Parameter(torch.ones(3)) for _ in range(many)]  # b then sits past the first units
+        for p in others:
+            p.grad = torch.ones(3)
+        opt = ft.Adam([a] + others[: many // 2] + [b] + others[many // 2 :], lr=0.1)
         a.grad, b.grad = torch.ones(6), torch.ones(6)
         opt.step()  # the plan is kept from here
+        for _ in range(3):  # the workers spin between back-to-back steps: the reads go in units
+            opt.step()
         kept = [a.detach().clone(), b.detach().clone(), opt.state[a]["exp_avg"].clone(), opt.state[a]["step"].clone()]
         versions = (a._version, b._version)
         b.grad = BAD_GRADS[kind](torch, b)
@@ -131,7 +166,7 @@ def test_a_rejected_gradient_gets_the_same_error_on_both_paths_and_nothing_is_wr
     got = attempt()
     _helper_off(monkeypatch, meta)
     assert got == attempt()
-    assert "param_groups[0]['params'][1]" in got[1]
+    assert f"param_groups[0]['params'][{1 + many // 2}]" in got[1]
 
 
 # A param changed behind the plan's back at the same address: another shape, dtype or

@@ -110,7 +110,9 @@ private:
     std::uintptr_t torch_grad(std::size_t i, PyObject* grad);
     [[noreturn]] void raise_grad_error(std::size_t i, PyObject* grad) const;
     std::int64_t torch_count(std::size_t i) const;
-    void torch_read(fastadam_torch_meta* out);  // the helper's reads of every tensor
+    int torch_tensor_meta_quick(std::size_t i);  // torch_tensor_meta on any thread, or 2: the caller's must
+    bool torch_count_quick(std::size_t i, std::int64_t* count) const;
+    bool torch_read_and_check();  // the helper's reads and the checks of every tensor; false: stale
     void torch_bump_versions();
     void torch_count_steps();
 

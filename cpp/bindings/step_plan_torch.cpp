@@ -182,6 +182,25 @@ std::int64_t StepPlan::torch_count(std::size_t i) const {
     return static_cast<std::int64_t>(v) + 1;
 }
 
+// torch_count without raising: false where the count is not a whole number >= 0 (the
+// caller's thread then calls torch_count, which says so).
+bool StepPlan::torch_count_quick(std::size_t i, std::int64_t* count) const {
+    const Torch::Tensor& s = torch_->t[i];
+    if (s.step == nullptr) {
+        *count = 2;
+        return true;
+    }
+    if (s.step_type == 'q') {
+        const std::int64_t v = *reinterpret_cast<const std::int64_t*>(s.step);
+        *count = v + 1;
+        return v >= 0;
+    }
+    const double v = s.step_type == 'f' ? static_cast<double>(*reinterpret_cast<const float*>(s.step)) : *reinterpret_cast<const double*>(s.step);
+    if (!(v >= 0 && v == std::floor(v) && v < 9.0e18)) return false;
+    *count = static_cast<std::int64_t>(v) + 1;
+    return true;
+}
+
 // Tensor i's part of a step, checked in the order that keeps a stale plan from raising:
 // its param's identity and address, its state, then its gradient and count.
 int StepPlan::torch_tensor(std::size_t i) {
@@ -221,6 +240,24 @@ int StepPlan::torch_tensor(std::size_t i) {
     return 1;
 }
 
+// torch_tensor_meta where it needs neither Python nor a search, so any thread may run it:
+// 2 where the caller's thread must (a gradient to name in an error, a gradient at a new
+// address to check against the params' and states' memory, a count to refuse).
+int StepPlan::torch_tensor_meta_quick(std::size_t i) {
+    const Torch& t = *torch_;
+    const fastadam_torch_meta &m = t.now[i], &b = t.built[i];
+    if (m.grad_state == 0) return 0;
+    if (m.param_ptr != b.param_ptr || m.param_nbytes != b.param_nbytes || m.param_dtype != b.param_dtype ||
+        m.param_shape != b.param_shape || state_missing(i) || (adam_ && t.t[i].step == nullptr))
+        return -1;
+    const Entry& e = entries_[i];
+    const char* data = reinterpret_cast<const char*>(m.grad_ptr);
+    std::int64_t count = 0;
+    if (m.grad_state != 1 || data != e.checked_grad || e.param.nbytes != e.checked_grad_bytes || !torch_count_quick(i, &count)) return 2;
+    set_kept(e, data, count);
+    return 1;
+}
+
 // torch_tensor's checks, in the same order, on what the helper read for tensor i.
 int StepPlan::torch_tensor_meta(std::size_t i) {
     Torch& t = *torch_;
@@ -248,12 +285,15 @@ bool StepPlan::torch_step(py::handle groups) {
     read_hypers(groups);  // which state a step needs depends on them (amsgrad, momentum)
     prefetch();
     Torch& t = *torch_;
-    if (t.meta != nullptr && n > 0) torch_read(t.now.data());
-    for (std::size_t i = 0; i < n; ++i) {
-        const int r = t.meta != nullptr ? torch_tensor_meta(i) : torch_tensor(i);
-        if (r < 0) return false;
-        stepped_[i] = static_cast<unsigned char>(r);
-        if (r == 0) set_kept(entries_[i], nullptr, 0);
+    if (t.meta != nullptr && n > 0) {
+        if (!torch_read_and_check()) return false;
+    } else {
+        for (std::size_t i = 0; i < n; ++i) {
+            const int r = torch_tensor(i);
+            if (r < 0) return false;
+            stepped_[i] = static_cast<unsigned char>(r);
+            if (r == 0) set_kept(entries_[i], nullptr, 0);
+        }
     }
     // Everything is checked. The version bump comes first, while the params' metadata
     // is still in cache (the kernel's sweep evicts it); nothing can fail after it.
@@ -297,21 +337,46 @@ int run_in_units(std::size_t n, Range range, std::string* error) {
 
 }  // namespace
 
-void StepPlan::torch_read(fastadam_torch_meta* out) {
+// The helper's reads and the checks of every tensor (torch_tensor_meta); false when the
+// plan is stale. Many tensors go in units, each read then checked by one thread (the
+// kernel's spinning workers too); what needs the caller's thread is done after, in order.
+bool StepPlan::torch_read_and_check() {
     Torch& t = *torch_;
     const std::size_t n = entries_.size();
+    bool read = false;
     if (n >= 4 * kTensorsPerUnit) {
         std::string error;
         PyObject* tensors = t.tensors.ptr();
         const auto* meta = t.meta;
+        fastadam_torch_meta* out = t.now.data();
+        unsigned char* stepped = stepped_.data();
         const int r = run_in_units(n, [&](std::size_t b, std::size_t e, char* message, std::size_t size) {
-            return meta->read_range(tensors, static_cast<Py_ssize_t>(b), static_cast<Py_ssize_t>(e), out + b, message, size);
+            const int got = meta->read_range(tensors, static_cast<Py_ssize_t>(b), static_cast<Py_ssize_t>(e), out + b, message, size);
+            if (got != 0) return got;
+            for (std::size_t i = b; i < e; ++i) {
+                const int q = torch_tensor_meta_quick(i);
+                stepped[i] = static_cast<unsigned char>(q < 0 ? 3 : q);  // 3: stale
+                if (q == 0) set_kept(entries_[i], nullptr, 0);
+            }
+            return 0;
         }, &error);
-        if (r == 0) return;
         if (r == -1) throw std::runtime_error(error);
-        // -2: a tensor with Python dispatch; all of them again, with the GIL
+        read = r == 0;  // -2: a tensor with Python dispatch; all of them again, with the GIL
     }
-    if (t.meta->read(t.tensors.ptr(), out) < 0) throw py::error_already_set();
+    if (!read) {
+        if (t.meta->read(t.tensors.ptr(), t.now.data()) < 0) throw py::error_already_set();
+        std::fill(stepped_.begin(), stepped_.end(), static_cast<unsigned char>(2));
+    }
+    for (std::size_t i = 0; i < n; ++i)
+        if (stepped_[i] == 3) return false;
+    for (std::size_t i = 0; i < n; ++i) {
+        if (stepped_[i] != 2) continue;
+        const int r = torch_tensor_meta(i);
+        if (r < 0) return false;
+        stepped_[i] = static_cast<unsigned char>(r);
+        if (r == 0) set_kept(entries_[i], nullptr, 0);
+    }
+    return true;
 }
 
 // Each updated param's version, as torch's in-place ops bump it (autograd then refuses a
