@@ -6,9 +6,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from .quantized import QuantizedState
+
 _Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 # Mixed precision: bfloat16 (ml_dtypes) and float16 arrays too; NumPy types bfloat16 as Any.
 _AnyArray = _Array | npt.NDArray[np.float16] | npt.NDArray[Any]
+# A state array, or blockwise-quantized codes with their absmax (fastadam.QuantizedState).
+_State = _AnyArray | QuantizedState
 
 min_elements_per_thread: int
 _fenv: dict[str, int]  # this platform's <fenv.h> rounding modes and exception flags
@@ -17,8 +21,8 @@ min_elements_to_wake: int
 def adam_step(
     param: _AnyArray,
     grad: _AnyArray,
-    exp_avg: _AnyArray,
-    exp_avg_sq: _AnyArray,
+    exp_avg: _State,
+    exp_avg_sq: _State,
     *,
     step: int,
     lr: float = 1e-3,
@@ -35,8 +39,8 @@ def adam_step(
 def adam_step_multi(
     params: Sequence[_AnyArray],
     grads: Sequence[_AnyArray],
-    exp_avgs: Sequence[_AnyArray],
-    exp_avg_sqs: Sequence[_AnyArray],
+    exp_avgs: Sequence[_State],
+    exp_avg_sqs: Sequence[_State],
     *,
     steps: int | Sequence[int],
     lr: float = 1e-3,
@@ -76,8 +80,8 @@ def _adam_step_groups(
     fn: str,
     params: Sequence[_AnyArray],
     grads: Sequence[_AnyArray],
-    exp_avgs: Sequence[_AnyArray | None],
-    exp_avg_sqs: Sequence[_AnyArray | None],
+    exp_avgs: Sequence[_State | None],
+    exp_avg_sqs: Sequence[_State | None],
     max_exp_avg_sqs: Sequence[_AnyArray | None],
     params_out: Sequence[_AnyArray | None],
     counts: npt.NDArray[np.int64] | Sequence[npt.NDArray[Any]],
@@ -130,3 +134,12 @@ class _StepPlan:
     def torch_helper(self) -> bool:
         """This torch-mode plan reads tensors through the torch helper (fastadam/_torch_meta.py)."""
         ...
+
+# Quantized states (python/fastadam/quantized.py; cpp/bindings/quantized.cpp)
+def quant_map(bits: int, signed: bool) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def _quantize_blockwise(x: npt.NDArray[np.float32], state: QuantizedState) -> None: ...
+def _dequantize_blockwise(state: QuantizedState, out: npt.NDArray[np.float32]) -> None: ...
+def _quantize_codes(
+    x: npt.NDArray[np.float32], out: npt.NDArray[np.uint8], bits: int, signed: bool, isa: str, bounded: bool = False
+) -> None: ...
+def _quantizer_mismatches(bits: int, signed: bool, isa: str, every: int = 1) -> tuple[int, int]: ...

@@ -242,7 +242,8 @@ def quant_thresholds(bits: int, signed: bool) -> np.ndarray:
 def _codes_of(u: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     codes = np.searchsorted(quant_thresholds(bits, signed), u, side="right")
     codes[np.isnan(u)] = 2**bits - 1
-    return codes.astype(np.uint8)
+    out: np.ndarray = codes.astype(np.uint8)
+    return out
 
 
 def quantize_blockwise(x: np.ndarray, bits: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +263,7 @@ def quantize_blockwise(x: np.ndarray, bits: int, signed: bool) -> tuple[np.ndarr
     if bits == 4:
         padded = np.zeros(2 * -(-flat.size // 2), np.uint8)
         padded[: flat.size] = codes
-        codes = (padded[0::2] << 4) | padded[1::2]
+        codes = ((padded[0::2] << 4) | padded[1::2]).astype(np.uint8)
     return codes, absmax
 
 
@@ -357,20 +358,27 @@ def adam_step_multi(
         step = steps if isinstance(steps, int) else steps[i]
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad and max_exp_avg_sqs is not None else None
         param_out = params_out[i] if params_out is not None else None
-        quantized = isinstance(exp_avg, QuantizedState)
-        written = [param, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if max_exp_avg_sq is not None else [])
-        if param.dtype == np.float64 or (
-            not quantized and all(a.dtype == np.float32 for a in written + [grad]) and param_out is None and not checks_grads
-        ):
-            _adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, **hyper)  # type: ignore[arg-type]
+        quantized: tuple[QuantizedState, QuantizedState] | None = None
+        plain: tuple[np.ndarray, np.ndarray] | None = None
+        if isinstance(exp_avg, QuantizedState) and isinstance(exp_avg_sq, QuantizedState):
+            quantized = (exp_avg, exp_avg_sq)
+        else:
+            assert isinstance(exp_avg, np.ndarray) and isinstance(exp_avg_sq, np.ndarray)
+            plain = (exp_avg, exp_avg_sq)
+        if plain is not None and (param.dtype == np.float64 or (
+            all(a.dtype == np.float32 for a in [param, *plain, grad])
+            and (max_exp_avg_sq is None or max_exp_avg_sq.dtype == np.float32)
+            and param_out is None and not checks_grads
+        )):
+            _adam_update(param, grad, *plain, max_exp_avg_sq, step, **hyper)  # type: ignore[arg-type]
             continue
         # Mixed precision: widen to float32, the float32 step, round every narrower array back.
         p = param.astype(np.float32)
-        if quantized:  # the states dequantized (module docstring)
-            m, v = (dequantize_blockwise(q.codes, q.absmax, q.bits, q.signed, param.size).reshape(param.shape)
-                    for q in (exp_avg, exp_avg_sq))
+        if quantized is not None:  # the states dequantized (module docstring)
+            m, v = (dequantize_blockwise(q.codes, q.absmax, q.bits, q.signed, param.size).reshape(param.shape) for q in quantized)
         else:
-            m, v = exp_avg.astype(np.float32), exp_avg_sq.astype(np.float32)
+            assert plain is not None
+            m, v = plain[0].astype(np.float32), plain[1].astype(np.float32)
         v_max = None if max_exp_avg_sq is None else max_exp_avg_sq.astype(np.float32)
         g = grad.astype(np.float32)
         if grad_scale is not None:
@@ -381,12 +389,12 @@ def adam_step_multi(
         seed = rounding_seeds[i] if rounding_seeds is not None else None
         if seed is not None:
             param[...] = stochastic_round_bf16(p, seed, step)
-        if quantized:
-            for q, value in ((exp_avg, m), (exp_avg_sq, v)):
+        if quantized is not None:
+            for q, value in zip(quantized, (m, v)):
                 codes, absmax = quantize_blockwise(value, q.bits, q.signed)
                 q.codes.reshape(-1)[...] = codes
                 q.absmax.reshape(-1)[...] = absmax
-        states = () if quantized else ((exp_avg, m), (exp_avg_sq, v))
+        states = () if plain is None else ((plain[0], m), (plain[1], v))
         for to, value in ((None if seed is not None else param, p), *states, (max_exp_avg_sq, v_max), (param_out, p)):
             if to is not None and value is not None:
                 to[...] = value.astype(to.dtype)
