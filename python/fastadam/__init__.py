@@ -5,8 +5,11 @@ time) that gives the same bits on every path, every thread count, and as the
 readable NumPy reference in :mod:`fastadam.reference`.
 
 Functional API (in place): :func:`adam_step`, :func:`adam_step_multi`, :func:`sgd_step`.
-Optimizers (torch.optim's interface): :class:`Adam`, :class:`AdamW`, :class:`SGD`; for
-torch tensors, ``fastadam.torch.Adam`` / ``AdamW`` / ``SGD`` (imported on request only).
+Optimizers (torch.optim's interface): :class:`Adam`, :class:`AdamW`, :class:`SGD`, and with
+8-bit/4-bit blockwise-quantized states :class:`Adam8bit`, :class:`AdamW8bit`, :class:`Adam4bit`,
+:class:`AdamW4bit` (state dicts converted by :func:`dequantize_state_dict` /
+:func:`quantize_state_dict`); for torch tensors, ``fastadam.torch.Adam`` / ``AdamW`` / ``SGD``
+and the quantized four (imported on request only).
 Sharded over MPI ranks (ZeRO stage 1): ``fastadam.distributed.ShardedAdam`` / ``ShardedAdamW``
 (imported on request only; ``pip install "fastadam[mpi]"``).
 C++/Cython: :func:`get_include` (headers; ``cimport fastadam.kernel``, see kernel.pxd).
@@ -26,15 +29,22 @@ from ._core import (
     sgd_step,
 )
 from ._version import __version__
-from .optim import SGD, Adam, AdamW, Optimizer
-from .quantized import QuantizedState
+from .optim import SGD, Adam, Adam4bit, Adam8bit, AdamW, AdamW4bit, AdamW8bit, Optimizer
+from .quantized import QuantizedState, dequantize_state_dict, quantize, quantize_state_dict
 
 __all__ = [
     "Adam",
     "AdamW",
     "SGD",
+    "Adam8bit",
+    "AdamW8bit",
+    "Adam4bit",
+    "AdamW4bit",
     "Optimizer",
     "QuantizedState",
+    "quantize",
+    "dequantize_state_dict",
+    "quantize_state_dict",
     "adam_step",
     "adam_step_multi",
     "sgd_step",

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _core
+from .quantized import QuantizedState, is_quantized_entry
 
 __all__ = [
     "ADAM", "SGD", "Algorithm", "StepGuard", "Rollback", "check_group", "check_loaded_entry", "check_max_grad_norm",
@@ -174,12 +175,24 @@ def zeros_packed(likes: Sequence[tuple[tuple[int, ...], np.dtype[Any]]], stagger
     return out
 
 
-def check_loaded_entry(algorithm: Algorithm, entry: Mapping[str, Any], group: Mapping[str, Any], where: str) -> None:
+def check_loaded_entry(
+    algorithm: Algorithm, entry: Mapping[str, Any], group: Mapping[str, Any], where: str, quantized: bool = False
+) -> None:
     """ValueError/TypeError (starting with ``where``) unless a loaded per-parameter state
     entry is complete for its group and of real numbers, as a step of torch.optim would
     need it: a step count that is a whole number >= 0 (not a bool or a string), and every
-    buffer the group's hyper-parameters need, each of a real floating dtype."""
+    buffer the group's hyper-parameters need, each of a real floating dtype (or a
+    QuantizedState). ``quantized``: the loading optimizer keeps quantized states, so
+    ``exp_avg_codes`` etc. stand for ``exp_avg`` (their checks are the optimizer's);
+    otherwise an entry holding them is refused, naming the conversion."""
+    if is_quantized_entry(entry) and not quantized:
+        raise ValueError(
+            f"{where}: the state is quantized (exp_avg_codes, ...): load it into fastadam.AdamW8bit/AdamW4bit (or "
+            "fastadam.torch's), or convert it with fastadam.dequantize_state_dict(sd) first"
+        )
     buffers = [k for k in algorithm.state_keys if entry.get(k) is not None]
+    if quantized:
+        buffers += [k for k in algorithm.state_keys if entry.get(f"{k}_codes") is not None]
     if not buffers and "step" not in entry:
         return
     if algorithm.counts_steps:
@@ -199,13 +212,15 @@ def check_loaded_entry(algorithm: Algorithm, entry: Mapping[str, Any], group: Ma
         if not (math.isfinite(value) and value >= 0 and value == int(value)):
             raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {value}")
     for key in algorithm.needed_keys(group):
-        if entry.get(key) is None:
+        if entry.get(key) is None and not (quantized and entry.get(f"{key}_codes") is not None):
             raise ValueError(
                 f"{where}: the state lacks {key!r}, which this group's hyper-parameters need "
                 f"(a state dict saved with other settings? load it into an optimizer with the same ones)"
             )
     for key in buffers:
-        value = entry[key]
+        value = entry.get(key)
+        if value is None or isinstance(value, QuantizedState):  # quantized: checked by the optimizer
+            continue
         dtype = getattr(value, "dtype", None)
         kind = ("f" if dtype.name == "bfloat16" else dtype.kind) if isinstance(dtype, np.dtype) else None  # ml_dtypes: kind "V"
         if kind is None and hasattr(value, "is_floating_point"):  # a torch tensor

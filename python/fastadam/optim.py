@@ -28,8 +28,9 @@ from ._common import (
     state_stagger,
     zeros_packed,
 )
+from .quantized import QUANT_BLOCK, QuantizedState, convert_entry, is_quantized_entry, read_quantized_entry
 
-__all__ = ["Optimizer", "Adam", "AdamW", "SGD"]
+__all__ = ["Optimizer", "Adam", "AdamW", "SGD", "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit"]
 
 Params = Sequence[np.ndarray] | Mapping[str, np.ndarray] | Sequence[Mapping[str, Any]]
 Grads = Sequence[np.ndarray | None] | Sequence[Sequence[np.ndarray | None]] | Mapping[str, np.ndarray | None]
@@ -64,7 +65,8 @@ class Optimizer:
         self.param_groups: list[dict[str, Any]] = []
         self._params: list[np.ndarray] = []
         self._names: list[str | None] = []
-        self._buffers: dict[str, list[np.ndarray | None]] = {k: [] for k in self._state_keys}
+        # a buffer per state key and param: an array, None, or (quantized optimizers) a QuantizedState
+        self._buffers: dict[str, list[Any]] = {k: [] for k in self._state_keys}
         self._steps = np.zeros(0, dtype=np.int64)  # counted by the plan
         self._group_sizes: list[int] = []
         # The buffers each group needed when every param last had all of them; while it
@@ -441,7 +443,7 @@ class Optimizer:
                     self._steps[i] = 0
         self._complete_for = needs if complete else None
 
-    def _zeros_state(self, kind: int, indices: list[int], groups: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+    def _zeros_state(self, kind: int, indices: list[int], groups: Sequence[Mapping[str, Any]]) -> list[Any]:
         """New zeroed buffers of state kind number ``kind`` for the params at ``indices``,
         of the state dtype their group in ``groups`` asks for."""
         group_of = [g for g, size in enumerate(self._group_sizes) for _ in range(size)]
@@ -519,6 +521,7 @@ class Optimizer:
                 raise ValueError(f"{name}: state for unknown parameter index {saved_index}")
             i = index_of[int(saved_index)]
             param = self._params[i]
+            entry = self._loaded_entry(entry, param, f"{name}: parameter {saved_index}")
             check_loaded_entry(self._algorithm, entry, new_groups[group_of[i]], f"{name}: parameter {saved_index}")
             for key, value in entry.items():
                 if key == "step":
@@ -539,6 +542,9 @@ class Optimizer:
                 elif key in self._state_keys:
                     if value is None:  # torch's SGD saves momentum_buffer None without momentum
                         continue
+                    if isinstance(value, QuantizedState):  # checked by _loaded_entry
+                        new_buffers[key][i] = value
+                        continue
                     loaded = np.asarray(_to_numpy(value), dtype=self._state_dtype(new_groups[group_of[i]], param))
                     if loaded.shape != param.shape:
                         raise ValueError(
@@ -547,12 +553,23 @@ class Optimizer:
                     new_buffers[key][i] = loaded
                     if not self._algorithm.counts_steps:
                         new_steps[i] = 1  # a loaded momentum buffer is past its first step
+                elif is_quantized_entry({key: value}) or key == "param_shape":
+                    raise ValueError(
+                        f"{name}: parameter {saved_index} has quantized states ({key}): load the state dict into "
+                        "fastadam.AdamW8bit/AdamW4bit (the optimizer that saved it), or convert it with "
+                        "fastadam.dequantize_state_dict(sd) first"
+                    )
                 else:
                     raise ValueError(f"{name}: unknown state entry {key!r} for parameter {saved_index}")
         for kind, key in enumerate(self._state_keys):  # copied into the optimizer's own blocks
             indices = [i for i, a in enumerate(new_buffers[key]) if a is not None]
             for i, array in zip(indices, self._zeros_state(kind, indices, new_groups)):
-                array[...] = new_buffers[key][i]
+                loaded = new_buffers[key][i]
+                if isinstance(array, QuantizedState):
+                    array.codes.reshape(-1)[...] = loaded.codes.reshape(-1)
+                    array.absmax[...] = loaded.absmax
+                else:
+                    array[...] = loaded
                 new_buffers[key][i] = array
         self.param_groups[:] = new_groups
         self._precision_checked = None
@@ -561,6 +578,10 @@ class Optimizer:
         self._steps = new_steps
         self._complete_for = None
         self._plan = None
+
+    def _loaded_entry(self, entry: Mapping[str, Any], param: np.ndarray, where: str) -> Mapping[str, Any]:
+        """A loaded state entry in this optimizer's layout (the quantized optimizers convert it)."""
+        return entry
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -726,3 +747,284 @@ class SGD(Optimizer):
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
+
+
+def check_min_size(value: object, keyword: str, where: str) -> int:
+    """``min_8bit_size``/``min_4bit_size`` as an int >= 0; TypeError/ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}: {keyword} must be an int (elements), got {value!r}")
+    if value < 0:
+        raise ValueError(f"{where}: {keyword} must be >= 0 (elements), got {value}")
+    return int(value)
+
+
+def refuse_quantized_extras(amsgrad: object, state_dtype: object, bits: int, where: str) -> None:
+    """The keywords of Adam that quantized states do not take: a ValueError naming why."""
+    if amsgrad:
+        raise ValueError(
+            f"{where}: amsgrad=True is not available with {bits}-bit states (its max_exp_avg_sq has no quantized "
+            "form); use fastadam.AdamW(amsgrad=True)"
+        )
+    if state_dtype is not None:
+        raise ValueError(
+            f"{where}: state_dtype={state_dtype!r} does not apply: the states of large params are {bits}-bit codes and "
+            "those of small ones float32; use fastadam.AdamW(state_dtype=...) for bfloat16 states"
+        )
+
+
+class Adam8bit(Adam):
+    r"""Adam with 8-bit blockwise-quantized states (Dettmers et al., "8-bit Optimizers via
+    Block-wise Quantization", 2022): :class:`Adam`'s update, with ``exp_avg``/``exp_avg_sq``
+    of each param of at least ``min_8bit_size`` elements kept as one uint8 code per element
+    and one float32 absmax per block of 256 elements, about 2 bytes per element for both
+    states against fp32 Adam's 8.
+
+    Each step dequantizes a block (code value times absmax), runs the float32 update, and
+    quantizes the new moments to the nearest code of the dynamic map over the block's new
+    absmax (signed map for ``exp_avg``, unsigned for ``exp_avg_sq``; a value exactly halfway
+    goes to the larger code), in one pass; the param update uses this step's float32
+    moments. Same bits as :func:`fastadam.reference.adam_step_multi` with QuantizedState
+    states, on every SIMD path and thread count (docs/design.md, "Quantized states").
+
+    Params below ``min_8bit_size`` (default 4096, bitsandbytes' default and name) keep
+    float32 states: on tiny tensors such as biases and norm weights the per-block absmax and
+    the coarse codes cost the most (a 64-element bias pays a whole absmax, and its few
+    values share one scale), while they are a negligible share of a model's memory.
+    bitsandbytes and torchao do the same. ``min_8bit_size=0`` quantizes every param.
+
+    ``opt.state[i]`` of a quantized param holds ``step``, ``exp_avg_codes`` (uint8, the
+    param's shape), ``exp_avg_absmax`` (float32, one per block), ``exp_avg_sq_codes`` and
+    ``exp_avg_sq_absmax`` (live arrays); ``state_dict()``/``load_state_dict()`` carry them.
+    ``load_state_dict`` also takes a plain fp32 state dict (fastadam.Adam's or torch's; it
+    quantizes the moments of large params) and turns a small param's quantized state into
+    float32. :func:`fastadam.dequantize_state_dict` and :func:`fastadam.quantize_state_dict`
+    convert between the two layouts.
+
+    Args: as :class:`Adam` (``master_weights``, ``stochastic_rounding``, ``max_grad_norm``,
+    ``grad_scale``/``params_out`` of ``step()`` work as there) except that ``amsgrad=True``
+    and ``state_dtype`` raise ValueError, and float64 params of quantized size TypeError.
+        min_8bit_size: params of fewer elements keep float32 states.
+    """
+
+    _bits: ClassVar[int] = 8
+    _min_keyword: ClassVar[str] = "min_8bit_size"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        stochastic_rounding: bool = False,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                             max_grad_norm, master_weights, state_dtype, stochastic_rounding, min_8bit_size)
+
+    def _init_quantized(
+        self, params: Params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool,
+        maximize: bool, decoupled_weight_decay: bool, max_grad_norm: float | None, master_weights: bool,
+        state_dtype: Any, stochastic_rounding: bool, min_size: int,
+    ) -> None:
+        name = f"{type(self).__name__}()"
+        refuse_quantized_extras(amsgrad, state_dtype, self._bits, name)
+        self._min_size = check_min_size(min_size, self._min_keyword, name)  # before the groups are checked
+        Adam.__init__(
+            self, params, lr, betas, eps, weight_decay, False, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, max_grad_norm=max_grad_norm,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+        )
+
+    @property
+    def bits(self) -> int:
+        """Bits per code of the quantized states (8 or 4)."""
+        return self._bits
+
+    @property
+    def min_size(self) -> int:
+        """Params of fewer elements keep float32 states (``min_8bit_size``/``min_4bit_size``)."""
+        return self._min_size
+
+    def _quantizes(self, param: np.ndarray) -> bool:
+        return bool(param.size >= self._min_size)
+
+    def _mixed(self, group: Mapping[str, Any]) -> bool:
+        return True  # quantized states take the mixed path (_core._adam_step_groups), not the plan
+
+    def _state_dtype(self, group: Mapping[str, Any], param: np.ndarray) -> np.dtype[Any]:
+        # small params: float32 (float64 for float64 ones, as fastadam.Adam)
+        return param.dtype if param.dtype == np.float64 else np.dtype(np.float32)
+
+    def _check_precision(self, group: Mapping[str, Any], arrays: Sequence[np.ndarray], where: str) -> None:
+        refuse_quantized_extras(group.get("amsgrad"), group.get("state_dtype"), self._bits, where)
+        super()._check_precision(group, arrays, where)
+        for j, a in enumerate(arrays):
+            if a.dtype == np.float64 and self._quantizes(a):
+                raise TypeError(
+                    f"{where}: params[{j}] is float64 with {a.size} elements; {self._bits}-bit states are for float32, "
+                    f"bfloat16 and float16 params: keep float64 params in fastadam.Adam/AdamW (or raise "
+                    f"{self._min_keyword} above their size)"
+                )
+
+    def _mixed_step(
+        self, grad_list: Sequence[np.ndarray | None], grad_scale: float | None, params_out: Grads | None
+    ) -> float | None:
+        for g, group in enumerate(self.param_groups):
+            if group.get("amsgrad"):  # (set between steps: the settings check below does not look at it)
+                refuse_quantized_extras(True, None, self._bits, f"{self._step_name}: param_groups[{g}]")
+        return super()._mixed_step(grad_list, grad_scale, params_out)
+
+    def _zeros_state(self, kind: int, indices: list[int], groups: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """New zeroed states of kind ``kind`` (0: exp_avg, 1: exp_avg_sq) for the params at
+        ``indices``: a QuantizedState (codes and absmax) for each param of quantized size,
+        a float32 array for the others, all in one block per kind (the 4K-aliasing placement)."""
+        group_of = self._group_of
+        likes: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
+        for i in indices:
+            p = self._params[i]
+            if self._quantizes(p):
+                n = int(p.size)
+                likes.append((p.shape if self._bits == 8 else ((n + 1) // 2,), np.dtype(np.uint8)))
+                likes.append(((-(-n // QUANT_BLOCK[self._bits]),), np.dtype(np.float32)))
+            else:
+                likes.append((p.shape, self._state_dtype(groups[group_of[i]], p)))
+        arrays = iter(zeros_packed(likes, stagger=state_stagger(kind)))
+        out: list[Any] = []
+        for i in indices:
+            first = next(arrays)
+            out.append(QuantizedState(first, next(arrays), self._bits, kind == 0) if self._quantizes(self._params[i]) else first)
+        return out
+
+    @property
+    def state(self) -> dict[int, dict[str, Any]]:
+        """Per-parameter state by flat parameter index (live arrays): ``step``, then for a
+        quantized param ``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``,
+        ``exp_avg_sq_absmax`` (4-bit: and ``param_shape``), for a small one ``exp_avg``,
+        ``exp_avg_sq``; ``master_param`` with master weights."""
+        out = super().state
+        for i, entry in out.items():
+            if not any(isinstance(v, QuantizedState) for v in entry.values()):
+                continue
+            expanded: dict[str, Any] = {}
+            for key, value in entry.items():
+                if isinstance(value, QuantizedState):
+                    expanded[f"{key}_codes"] = value.codes
+                    expanded[f"{key}_absmax"] = value.absmax
+                else:
+                    expanded[key] = value
+            if self._bits == 4:
+                expanded["param_shape"] = tuple(self._params[i].shape)
+            out[i] = expanded
+        return out
+
+    def _loaded_entry(self, entry: Mapping[str, Any], param: np.ndarray, where: str) -> Mapping[str, Any]:
+        """The entry in this optimizer's layout: quantized states (checked; QuantizedState
+        views under ``exp_avg``/``exp_avg_sq``, copied into the optimizer's blocks by the
+        caller) for a param of quantized size, float32 ``exp_avg``/``exp_avg_sq`` otherwise."""
+        want = self._bits if self._quantizes(param) else None
+        quantized = is_quantized_entry(entry) or entry.get("param_shape") is not None
+        if quantized:
+            _, _, _ = read_quantized_entry(entry, where, tuple(param.shape))
+            bits = 4 if entry.get("param_shape") is not None else 8
+            if bits != self._bits:
+                raise ValueError(
+                    f"{where}: the state is {bits}-bit and {type(self).__name__} keeps {self._bits}-bit states: convert "
+                    "the state dict with fastadam.dequantize_state_dict(sd) first (float32 states, which it quantizes)"
+                )
+        elif want is None:
+            return entry
+        converted = convert_entry(entry, want, where, tuple(param.shape))
+        if want is None:
+            return converted
+        m, v, _ = read_quantized_entry(converted, where, tuple(param.shape))
+        out = {k: val for k, val in converted.items() if not (k.startswith("exp_avg") or k == "param_shape")}
+        out["exp_avg"], out["exp_avg_sq"] = m, v
+        return out
+
+
+class AdamW8bit(Adam8bit):
+    """:class:`Adam8bit` with decoupled weight decay, as :class:`AdamW` (``p = p * (1 -
+    lr*weight_decay)`` before the update; default ``weight_decay=1e-2``): bitsandbytes' and
+    torchao's ``AdamW8bit``."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        stochastic_rounding: bool = False,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, maximize, True, max_grad_norm,
+                             master_weights, state_dtype, stochastic_rounding, min_8bit_size)
+
+
+class Adam4bit(Adam8bit):
+    """:class:`Adam8bit` with 4-bit states: two codes a byte (the even element in the high
+    nibble, torchao's packing) and one float32 absmax per block of 128 elements, about 1.06
+    bytes per element for both states. ``exp_avg`` takes the 4-bit dynamic map (3 exponent
+    bits), ``exp_avg_sq`` torchao's linear map ``k/16``, k = 1..16 (no zero). Params below
+    ``min_4bit_size`` (default 4096) keep float32 states. ``state[i]`` of a quantized param
+    also holds ``param_shape`` (flat codes do not give it)."""
+
+    _bits: ClassVar[int] = 4
+    _min_keyword: ClassVar[str] = "min_4bit_size"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        stochastic_rounding: bool = False,
+        min_4bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                             max_grad_norm, master_weights, state_dtype, stochastic_rounding, min_4bit_size)
+
+
+class AdamW4bit(Adam4bit):
+    """:class:`Adam4bit` with decoupled weight decay (default ``weight_decay=1e-2``): torchao's ``AdamW4bit``."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        stochastic_rounding: bool = False,
+        min_4bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, maximize, True, max_grad_norm,
+                             master_weights, state_dtype, stochastic_rounding, min_4bit_size)
