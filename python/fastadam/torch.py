@@ -82,8 +82,13 @@ from ._common import (
     state_stagger,
     zeros_packed,
 )
+from .optim import check_min_size, refuse_quantized_extras
+from .quantized import QUANT_BLOCK, QUANTIZED_KEYS, QuantizedState, convert_entry, entry_bits, is_quantized_entry, read_quantized_entry
 
-__all__ = ["Adam", "AdamW", "SGD"]
+__all__ = [
+    "Adam", "AdamW", "SGD", "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit",
+    "from_bitsandbytes", "to_bitsandbytes", "from_torchao", "to_torchao",
+]
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
@@ -354,6 +359,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
     # torch.optim's implementation switches. fastadam has one implementation, always fused and
     # multi-tensor: foreach/fused are accepted and change nothing; the others must stay off.
     _impl_flags: ClassVar[dict[str, bool | None]] = {}
+    _quantized: ClassVar[bool] = False  # keeps quantized states (Adam8bit, ...)
     _refused_flags: ClassVar[tuple[str, ...]] = ("capturable", "differentiable")
     _flag_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -686,7 +692,7 @@ class _NativeOptimizer(torch.optim.Optimizer):
             for index in saved["params"]:
                 entry = state.get(index)
                 if isinstance(entry, Mapping):
-                    check_loaded_entry(self._algorithm, entry, merged, f"{name}: state[{index!r}]")
+                    check_loaded_entry(self._algorithm, entry, merged, f"{name}: state[{index!r}]", self._quantized)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -975,12 +981,14 @@ class Adam(_NativeOptimizer):
         """Creates the missing state of the params with a gradient (undone by ``created``)
         and the views of this step's tensors."""
         plan = _MixedPlan(self.param_groups)
+        self._create_moments(plan, created)
         for p, g, label in zip(plan.tensors, plan.group_index, plan.labels):
             group = self.param_groups[g]
             if p not in self.state:
                 created.add(functools.partial(dict.pop, self.state, p, None))
             entry = self.state[p]
-            wanted = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+            moments = ["exp_avg", "exp_avg_sq"] if entry.get("exp_avg_codes") is None else []  # (quantized: their own keys)
+            wanted = ["step", *moments] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
             wanted += ["master_param"] if group.get("master_weights") else []
             for key in wanted:
                 if entry.get(key) is not None:
@@ -1007,8 +1015,8 @@ class Adam(_NativeOptimizer):
             plan.kernel_labels.append(label if master is None else f"{label} ({p.dtype}, with float32 master weights)")
             plan.params.append(_numpy(p) if master is None else _numpy(master))
             plan.outs.append(_numpy(p) if master is not None else None)
-            plan.exp_avgs.append(_numpy(entry["exp_avg"]))
-            plan.exp_avg_sqs.append(_numpy(entry["exp_avg_sq"]))
+            plan.exp_avgs.append(self._moment_array(entry, "exp_avg"))
+            plan.exp_avg_sqs.append(self._moment_array(entry, "exp_avg_sq"))
             plan.maxes.append(_numpy(entry["max_exp_avg_sq"]) if group["amsgrad"] else None)
             step = self._step_array(entry, label)
             assert step is not None
@@ -1016,6 +1024,14 @@ class Adam(_NativeOptimizer):
         plan.epoch = self._epoch[0]  # after the state it created
         self._master_ptrs = {id(p): p.data_ptr() for p in plan.tensors}
         return plan
+
+    def _create_moments(self, plan: _MixedPlan, created: Rollback) -> None:
+        """The quantized optimizers create the moments of the plan's params here, packed."""
+
+    def _moment_array(self, entry: Mapping[str, Any], key: str) -> Any:
+        """What the kernel takes as the moment ``key`` of a param: a NumPy view of its tensor
+        (the quantized optimizers: a QuantizedState of its codes and absmax)."""
+        return _numpy(entry[key])
 
 
 class _MixedPlan:
@@ -1048,8 +1064,8 @@ class _MixedPlan:
         self.indices = list(range(len(self.tensors)))
         self.params: list[np.ndarray] = []
         self.outs: list[np.ndarray | None] = []
-        self.exp_avgs: list[np.ndarray] = []
-        self.exp_avg_sqs: list[np.ndarray] = []
+        self.exp_avgs: list[Any] = []  # arrays, or QuantizedState (quantized optimizers)
+        self.exp_avg_sqs: list[Any] = []
         self.maxes: list[np.ndarray | None] = []
         self.counts: list[np.ndarray] = []
 
@@ -1183,3 +1199,573 @@ class SGD(_NativeOptimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
+
+
+# ----- quantized states -------------------------------------------------------------------
+
+
+class Adam8bit(Adam):
+    r"""Adam with 8-bit blockwise-quantized states on CPU tensors; drop-in for
+    ``bitsandbytes.optim.Adam8bit`` / ``torchao.optim.Adam8bit``, with :class:`Adam`'s update.
+
+    The states of each param of at least ``min_8bit_size`` elements (default 4096, as
+    bitsandbytes and torchao) are ``state[p]["exp_avg_codes"]`` / ``["exp_avg_sq_codes"]``
+    (uint8 tensors of the param's shape, one code per element) and ``["exp_avg_absmax"]`` /
+    ``["exp_avg_sq_absmax"]`` (float32, one per block of 256 elements); smaller params keep
+    float32 ``exp_avg``/``exp_avg_sq`` (tiny tensors pay most for the per-block absmax and
+    the coarse codes, and are a negligible share of the memory). ``step`` is torch's float32
+    scalar tensor. Each step dequantizes, updates in float32 and requantizes to the nearest
+    code, in one pass through fastadam's kernel: the bits of
+    :func:`fastadam.reference.adam_step_multi` (see :class:`fastadam.Adam8bit`).
+
+    Mixed precision as :class:`Adam` (bf16/fp16 params, ``master_weights``,
+    ``stochastic_rounding``, ``max_grad_norm``, ``torch.amp.GradScaler``); ``amsgrad=True``
+    and ``state_dtype`` raise ValueError. ``load_state_dict`` takes this optimizer's state
+    dicts, fastadam.Adam8bit's, plain fp32 Adam/AdamW ones (torch.optim's, fastadam's: the
+    moments of large params are quantized), bitsandbytes' 8-bit and torchao's 8-bit/4-bit
+    optimizers' (:func:`from_bitsandbytes`, :func:`from_torchao`); :func:`to_bitsandbytes`,
+    :func:`to_torchao` and :func:`fastadam.dequantize_state_dict` go the other way.
+    """
+
+    _bits: ClassVar[int] = 8
+    _min_keyword: ClassVar[str] = "min_8bit_size"
+    _quantized = True
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable, differentiable,
+                             fused, decoupled_weight_decay, max_grad_norm, master_weights, state_dtype, stochastic_rounding,
+                             min_8bit_size)
+
+    def _init_quantized(
+        self, params: Params, lr: float | torch.Tensor, betas: tuple[float | torch.Tensor, float | torch.Tensor], eps: float,
+        weight_decay: float, amsgrad: bool, foreach: bool | None, maximize: bool, capturable: bool, differentiable: bool,
+        fused: bool | None, decoupled_weight_decay: bool, max_grad_norm: float | None, master_weights: bool,
+        state_dtype: torch.dtype | None, stochastic_rounding: bool, min_size: int,
+    ) -> None:
+        name = f"fastadam.torch.{type(self).__name__}()"
+        refuse_quantized_extras(amsgrad, state_dtype, self._bits, name)
+        # Checked before the groups (their check needs it); kept in defaults, which torch pickles.
+        self._min_size = check_min_size(min_size, self._min_keyword, name)
+        Adam.__init__(
+            self, params, lr, betas, eps, weight_decay, False, foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
+            max_grad_norm=max_grad_norm, master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+        )
+        self.defaults[self._min_keyword] = self._min_size
+
+    @property
+    def bits(self) -> int:
+        """Bits per code of the quantized states (8 or 4)."""
+        return self._bits
+
+    @property
+    def min_size(self) -> int:
+        """Params of fewer elements keep float32 states (``min_8bit_size``/``min_4bit_size``)."""
+        return int(self.defaults.get(self._min_keyword, getattr(self, "_min_size", 4096)))
+
+    def _quantizes(self, p: torch.Tensor) -> bool:
+        return p.numel() >= self.min_size
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._min_keyword in param_group:
+            raise ValueError(
+                f"fastadam.torch.{type(self).__name__}.add_param_group(): {self._min_keyword} is the optimizer's, not a "
+                "param group's: pass it to the constructor"
+            )
+        super().add_param_group(param_group)
+        self.param_groups[-1].pop(self._min_keyword, None)  # copied from defaults by torch
+
+    def _mixed_mode(self) -> bool:
+        return True  # quantized states take the mixed path
+
+    def _state_dtype(self, group: Mapping[str, Any], p: torch.Tensor) -> torch.dtype:
+        return torch.float32  # small params' states (bitsandbytes' choice too)
+
+    def _check_precision(self, group: Mapping[str, Any], where: str) -> None:
+        refuse_quantized_extras(group.get("amsgrad"), group.get("state_dtype"), self._bits, where)
+        super()._check_precision(group, where)
+        for j, p in enumerate(group["params"]):
+            if p.dtype == torch.float64 and self._quantizes(p):
+                raise TypeError(
+                    f"{where}: params[{j}] is float64 with {p.numel()} elements; {self._bits}-bit states are for float32, "
+                    f"bfloat16 and float16 params: keep float64 params in fastadam.torch.Adam/AdamW (or raise "
+                    f"{self._min_keyword} above their size)"
+                )
+
+    def _mixed_validate(self) -> None:
+        super()._mixed_validate()
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                entry = self.state.get(p) or {}
+                for key in QUANTIZED_KEYS:
+                    value = entry.get(key)
+                    want = torch.uint8 if key.endswith("codes") else torch.float32
+                    if value is not None and not _ok(value, (want,)):
+                        raise TypeError(
+                            f"{self._step_name}: state[{key!r}] of param_groups[{g}]['params'][{i}] must be a contiguous "
+                            f"CPU tensor of {want}, got {type(value).__name__}"
+                            + (f" ({value.dtype}, {value.device})" if isinstance(value, torch.Tensor) else "")
+                        )
+
+    def _create_moments(self, plan: _MixedPlan, created: Rollback) -> None:
+        """The moments of the plan's params that have none: codes and absmax for params of
+        quantized size, float32 tensors for the others, one block per kind (the 4K-aliasing
+        placement, fastadam._common.zeros_packed)."""
+        lacking = [p for p in plan.tensors if not self.state.get(p) or (
+            self.state[p].get("exp_avg") is None and self.state[p].get("exp_avg_codes") is None)]
+        if not lacking:
+            return
+        block = QUANT_BLOCK[self._bits]
+        for kind, key in enumerate(("exp_avg", "exp_avg_sq")):
+            likes: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
+            for p in lacking:
+                n = p.numel()
+                if self._quantizes(p):
+                    likes.append((tuple(p.shape) if self._bits == 8 else ((n + 1) // 2,), np.dtype(np.uint8)))
+                    likes.append(((-(-n // block),), np.dtype(np.float32)))
+                else:
+                    likes.append((tuple(p.shape), np.dtype(np.float32)))
+            arrays = iter(zeros_packed(likes, state_stagger(kind)))
+            for p in lacking:
+                if p not in self.state:
+                    created.add(functools.partial(dict.pop, self.state, p, None))
+                entry = self.state[p]
+                values = {f"{key}_codes": next(arrays), f"{key}_absmax": next(arrays)} if self._quantizes(p) else {key: next(arrays)}
+                if self._bits == 4 and self._quantizes(p) and kind == 0:
+                    created.add(functools.partial(dict.pop, entry, "param_shape", None))
+                    entry["param_shape"] = tuple(p.shape)
+                for k, a in values.items():
+                    created.add(functools.partial(dict.pop, entry, k, None))  # registered before the change
+                    entry[k] = torch.from_numpy(a)
+
+    def _moment_array(self, entry: Mapping[str, Any], key: str) -> Any:
+        codes = entry.get(f"{key}_codes")
+        if codes is None:
+            return super()._moment_array(entry, key)
+        return QuantizedState(_numpy(codes), _numpy(entry[f"{key}_absmax"]), entry_bits(entry), key == "exp_avg")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict: this optimizer's, fastadam's NumPy one of the same bits, a plain
+        fp32 Adam/AdamW one (torch.optim's or fastadam's; the moments of params of quantized
+        size are quantized, fastadam.quantize), bitsandbytes' 8-bit or torchao's 8-bit/4-bit
+        optimizers' (their codes and absmax taken as they are, their code books checked
+        against fastadam's). A small param's quantized state becomes float32 (exact).
+        Everything is checked before anything changes: codes uint8, absmax float32 with one
+        entry per block of 256 (8-bit) or 128 (4-bit), the bit width this optimizer's
+        (other widths: convert with :func:`fastadam.dequantize_state_dict` first). Tensors
+        already in this optimizer's layout are used as they are, as torch does."""
+        state_dict = _from_peer(state_dict)
+        state_dict = self._in_own_layout(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _in_own_layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Each param's entry converted to this optimizer's layout (checked); the dict as it
+        is when its groups do not match this optimizer's (torch's loading refuses it)."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping) or len(groups) != len(self.param_groups):
+            return state_dict
+        if any(not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"]) for s, g in zip(groups, self.param_groups)):
+            return state_dict
+        params = {i: p for s, g in zip(groups, self.param_groups) for i, p in zip(s["params"], g["params"])}
+        name = f"fastadam.torch.{type(self).__name__}.load_state_dict()"
+        out = dict(state)
+        for index, entry in state.items():
+            p = params.get(index)
+            if p is None or not isinstance(entry, Mapping):
+                continue
+            where = f"{name}: state[{index!r}]"
+            want = self._bits if self._quantizes(p) else None
+            quantized = is_quantized_entry(entry) or entry.get("param_shape") is not None
+            if quantized:
+                read_quantized_entry(entry, where, tuple(p.shape))  # checked, as it is
+                if entry_bits(entry) != self._bits:
+                    raise ValueError(
+                        f"{where}: the state is {entry_bits(entry)}-bit and {type(self).__name__} keeps {self._bits}-bit "
+                        "states: convert the state dict with fastadam.dequantize_state_dict(sd) first (float32 states, "
+                        "which it quantizes)"
+                    )
+            if quantized == (want is not None):
+                continue
+            converted = convert_entry(entry, want, where, tuple(p.shape))
+            out[index] = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) and v is not entry.get(k) else v)
+                          for k, v in converted.items()}
+        return {**state_dict, "state": out}
+
+    def _restore_state_dtypes(self, state_dict: Mapping[str, Any]) -> None:
+        """torch's loading casts every state tensor to its param's dtype: codes are uint8
+        again (the loaded tensors themselves), absmax float32, small params' states float32."""
+        super()._restore_state_dtypes(state_dict)
+        saved_state = state_dict.get("state", {})
+        for group, saved in zip(self.param_groups, state_dict.get("param_groups", [])):
+            for p, index in zip(group["params"], saved.get("params", ())):
+                entry, loaded = self.state.get(p), saved_state.get(index)
+                if not entry or not isinstance(loaded, Mapping):
+                    continue
+                for key in QUANTIZED_KEYS:
+                    value = loaded.get(key)
+                    if isinstance(value, torch.Tensor):
+                        want = torch.uint8 if key.endswith("codes") else torch.float32
+                        entry[key] = value if value.dtype == want else value.to(want)
+
+
+class AdamW8bit(Adam8bit):
+    """:class:`Adam8bit` with decoupled weight decay (default ``weight_decay=1e-2``); drop-in
+    for ``bitsandbytes.optim.AdamW8bit`` / ``torchao.optim.AdamW8bit``."""
+
+    _torch_name = "AdamW"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable, differentiable,
+                             fused, True, max_grad_norm, master_weights, state_dtype, stochastic_rounding, min_8bit_size)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True  # as torch.optim.AdamW
+
+
+class Adam4bit(Adam8bit):
+    """:class:`Adam8bit` with 4-bit states (two codes a byte, the even element in the high
+    nibble; one float32 absmax per block of 128; torchao's maps): ``state[p]`` of a
+    quantized param also holds ``param_shape``. Drop-in for ``torchao.optim.Adam4bit``."""
+
+    _bits: ClassVar[int] = 4
+    _min_keyword: ClassVar[str] = "min_4bit_size"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        min_4bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable, differentiable,
+                             fused, decoupled_weight_decay, max_grad_norm, master_weights, state_dtype, stochastic_rounding,
+                             min_4bit_size)
+
+
+class AdamW4bit(Adam4bit):
+    """:class:`Adam4bit` with decoupled weight decay (default ``weight_decay=1e-2``); drop-in for ``torchao.optim.AdamW4bit``."""
+
+    _torch_name = "AdamW"
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        min_4bit_size: int = 4096,
+    ) -> None:
+        self._init_quantized(params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable, differentiable,
+                             fused, True, max_grad_norm, master_weights, state_dtype, stochastic_rounding, min_4bit_size)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+# ----- bitsandbytes' and torchao's state dicts ---------------------------------------------
+# Their codes and absmax are fastadam's layout already (256-element blocks, codes of the
+# param's shape; torchao's 4-bit codes packed as fastadam's): they are taken as they are,
+# once their code book is fastadam's within 2 units in the last place (both compute the
+# dynamic map in float32 steps, fastadam as exact fractions rounded once).
+
+_BNB_WRAPPER = "__bnb_optimizer_quant_state__"  # bitsandbytes >= 0.48 nests its quantized states under it
+_ULPS = 2
+
+
+def _check_book(qmap: object, bits: int, signed: bool, where: str) -> None:
+    """ValueError unless ``qmap`` is fastadam's code book of (bits, signed) within 2 ulp."""
+    ours = _core.quant_map(bits, signed)[0]
+    theirs = qmap.detach().cpu().to(torch.float32).reshape(-1).numpy() if isinstance(qmap, torch.Tensor) else np.asarray(qmap, np.float32).reshape(-1)
+
+    def ordered(a: np.ndarray) -> np.ndarray:  # float bits as integers in the floats' order
+        i = a.view(np.int32).astype(np.int64)
+        return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    if theirs.shape != ours.shape or not np.all(np.abs(ordered(theirs) - ordered(ours)) <= _ULPS):
+        worst = "" if theirs.shape != ours.shape else f", {int(np.abs(ordered(theirs) - ordered(ours)).max())} ulp apart at most"
+        raise ValueError(
+            f"{where}: its code book ({theirs.size} values{worst}) is not fastadam's {bits}-bit "
+            f"{'signed' if signed else 'unsigned'} map (fastadam._core.quant_map({bits}, {signed})): its codes mean other "
+            "values; dequantize the state with its own library and load it as plain float32 exp_avg/exp_avg_sq"
+        )
+
+
+def _is_torchao_state(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and all(hasattr(value, a) for a in ("codes", "scale", "qmap", "signed"))
+
+
+def _from_peer(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A bitsandbytes or torchao state dict in fastadam's layout; others as they are."""
+    state = state_dict.get("state")
+    if not isinstance(state, Mapping):
+        return state_dict
+    entries = [e for e in state.values() if isinstance(e, Mapping)]
+    if any(_BNB_WRAPPER in e or "state1" in e for e in entries):
+        return from_bitsandbytes(state_dict)
+    if any(_is_torchao_state(v) for e in entries for v in e.values()):
+        return from_torchao(state_dict)
+    return state_dict
+
+
+def from_bitsandbytes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """bitsandbytes' ``Adam8bit``/``AdamW8bit`` state dict (blockwise; its CPU backend's too)
+    in fastadam's layout: ``state1``/``state2`` (uint8) become ``exp_avg_codes``/``exp_avg_sq_codes``,
+    ``absmax1``/``absmax2`` the absmax, as they are (``qmap1``/``qmap2`` must be fastadam's
+    maps within 2 ulp); its float32 states of small params become ``exp_avg``/``exp_avg_sq``;
+    ``step`` a float32 tensor. Loadable by :class:`AdamW8bit` (which calls this itself).
+    Not Adam's states (one state, AdEMAMix's three betas), non-blockwise 8-bit states or
+    ``max_unorm`` raise ValueError."""
+    name = "fastadam.torch.from_bitsandbytes()"
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        raise TypeError(f"{name}: state_dict must be an optimizer's state dict")
+    out_state: dict[Any, Any] = {}
+    for index, entry in state_dict["state"].items():
+        if not isinstance(entry, Mapping):
+            out_state[index] = entry
+            continue
+        where = f"{name}: state[{index!r}]"
+        e = dict(entry)
+        e.update(e.pop(_BNB_WRAPPER, {}))
+        unknown = set(e) - {"step", "state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"}
+        if unknown:
+            raise ValueError(
+                f"{where}: bitsandbytes state entries {sorted(unknown)} have no fastadam equivalent (max1/new_max1: "
+                "non-blockwise 8-bit states, block_wise=False; unorm_vec: max_unorm): save with bitsandbytes' defaults"
+            )
+        new: dict[str, Any] = {}
+        if "step" in e:
+            new["step"] = torch.tensor(float(e["step"]), dtype=_scalar_dtype())
+        if "state1" in e:
+            if "state2" not in e:
+                raise ValueError(f"{where}: a bitsandbytes state with state1 only is not Adam's (momentum, Lion, ...)")
+            s1, s2 = e["state1"], e["state2"]
+            if s1.dtype == torch.uint8:
+                for key in ("qmap1", "qmap2", "absmax1", "absmax2"):
+                    if key not in e:
+                        raise ValueError(f"{where}: an 8-bit bitsandbytes state lacks {key}")
+                _check_book(e["qmap1"], 8, True, f"{where}: qmap1")
+                _check_book(e["qmap2"], 8, False, f"{where}: qmap2")
+                new.update(exp_avg_codes=s1, exp_avg_absmax=e["absmax1"], exp_avg_sq_codes=s2, exp_avg_sq_absmax=e["absmax2"])
+            else:
+                new.update(exp_avg=s1, exp_avg_sq=s2)
+        out_state[index] = new
+    groups = []
+    for g, group in enumerate(state_dict.get("param_groups", [])):
+        where = f"{name}: param_groups[{g}]"
+        betas = tuple(group["betas"])
+        if len(betas) != 2 or group.get("alpha", 0.0) != 0.0 or group.get("t_alpha") is not None or group.get("t_beta3") is not None:
+            raise ValueError(f"{where}: betas {betas}, alpha, t_alpha, t_beta3 are AdEMAMix's, not Adam's")
+        groups.append({**{k: v for k, v in group.items() if k not in ("alpha", "t_alpha", "t_beta3")}, "betas": betas})
+    return {**state_dict, "state": out_state, "param_groups": groups}
+
+
+def _torch_book(bits: int, signed: bool) -> torch.Tensor:
+    return torch.from_numpy(_core.quant_map(bits, signed)[0].copy())
+
+
+def to_bitsandbytes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict of :class:`Adam8bit`/:class:`AdamW8bit` (or plain fp32 Adam) in the
+    layout ``bitsandbytes.optim.Adam8bit``/``AdamW8bit.load_state_dict`` takes: codes and
+    absmax as ``state1``/``state2``/``absmax1``/``absmax2`` (codes of the param's shape),
+    fastadam's maps as ``qmap1``/``qmap2``, small params' float32 states as ``state1``/``state2``,
+    an int ``step``, groups with bitsandbytes' keys. 4-bit states (bitsandbytes has none),
+    master weights, amsgrad and maximize raise ValueError."""
+    name = "fastadam.torch.to_bitsandbytes()"
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        raise TypeError(f"{name}: state_dict must be an optimizer's state dict")
+    out_state: dict[Any, Any] = {}
+    for index, entry in state_dict["state"].items():
+        if not isinstance(entry, Mapping):
+            out_state[index] = entry
+            continue
+        where = f"{name}: state[{index!r}]"
+        if entry.get("master_param") is not None or entry.get("max_exp_avg_sq") is not None:
+            raise ValueError(f"{where}: bitsandbytes' optimizers keep no master_param or max_exp_avg_sq")
+        new: dict[str, Any] = {}
+        if "step" in entry:
+            step = entry["step"]
+            new["step"] = int(step.item() if isinstance(step, torch.Tensor) else step)
+        if is_quantized_entry(entry) or entry.get("param_shape") is not None:
+            m, v, shape = read_quantized_entry(entry, where)
+            if m.bits != 8:
+                raise ValueError(f"{where}: bitsandbytes has no 4-bit optimizer states: fastadam.dequantize_state_dict(sd) first")
+            codes = [_as_tensor(entry[k]).reshape(shape) for k in ("exp_avg_codes", "exp_avg_sq_codes")]
+            new[_BNB_WRAPPER] = {
+                "state1": codes[0], "qmap1": _torch_book(8, True), "state2": codes[1], "qmap2": _torch_book(8, False),
+                "absmax1": _as_tensor(entry["exp_avg_absmax"]), "absmax2": _as_tensor(entry["exp_avg_sq_absmax"]),
+            }
+        elif entry.get("exp_avg") is not None:
+            new[_BNB_WRAPPER] = {"state1": _as_tensor(entry["exp_avg"]).to(torch.float32),
+                                 "state2": _as_tensor(entry["exp_avg_sq"]).to(torch.float32)}
+        out_state[index] = new
+    groups = []
+    for g, group in enumerate(state_dict.get("param_groups", [])):
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError(f"{name}: param_groups[{g}] has amsgrad or maximize, which bitsandbytes' 8-bit Adam lacks")
+        lr = group["lr"]
+        groups.append({"lr": float(lr.item() if isinstance(lr, torch.Tensor) else lr), "betas": tuple(float(b) for b in group["betas"]),
+                       "eps": group["eps"], "weight_decay": group["weight_decay"], "alpha": 0.0, "t_alpha": None, "t_beta3": None,
+                       "params": list(group["params"])})
+    return {"state": out_state, "param_groups": groups}
+
+
+def _as_tensor(value: object) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return _tensor_of(value)
+    raise TypeError(f"expected a tensor or an array, got {type(value).__name__}")
+
+
+def from_torchao(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """torchao's ``Adam8bit``/``AdamW8bit``/``Adam4bit``/``AdamW4bit`` state dict (its
+    ``OptimState8bit``/``OptimState4bit`` tensors) in fastadam's layout: their ``codes`` and
+    ``scale`` become codes and absmax, as they are (``qmap`` must be fastadam's within 2 ulp,
+    the blocks 256 or 128 elements); plain state tensors and ``step`` stay; a tensor ``lr``
+    becomes a float. Loadable by :class:`AdamW8bit`/:class:`AdamW4bit` (which call this)."""
+    name = "fastadam.torch.from_torchao()"
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        raise TypeError(f"{name}: state_dict must be an optimizer's state dict")
+    out_state: dict[Any, Any] = {}
+    for index, entry in state_dict["state"].items():
+        if not isinstance(entry, Mapping):
+            out_state[index] = entry
+            continue
+        where = f"{name}: state[{index!r}]"
+        new = dict(entry)
+        if _is_torchao_state(entry.get("max_exp_avg_sq")):
+            raise ValueError(f"{where}: amsgrad's max_exp_avg_sq has no quantized form in fastadam")
+        subclass = [_is_torchao_state(entry.get(k)) for k in ("exp_avg", "exp_avg_sq")]
+        if any(subclass) and not all(subclass):
+            raise ValueError(f"{where}: exp_avg and exp_avg_sq are quantized alike in fastadam (one is torchao's, one plain)")
+        if all(subclass):
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                x: Any = entry[key]
+                bits = 8 if x.qmap.numel() == 256 else 4
+                _check_book(x.qmap, bits, signed, f"{where}: {key}.qmap")
+                if bool(x.signed) != signed:
+                    raise ValueError(f"{where}: {key} is {'un' if signed else ''}signed; fastadam's {key} is the other")
+                block = x.codes.numel() * (8 // bits) // max(x.scale.numel(), 1)
+                if block != QUANT_BLOCK[bits]:
+                    raise ValueError(
+                        f"{where}: {key} has blocks of {block} elements; fastadam's {bits}-bit blocks are {QUANT_BLOCK[bits]} "
+                        f"(torchao's default block_size): load it as a plain state (its dequantize())"
+                    )
+                del new[key]
+                new[f"{key}_codes"], new[f"{key}_absmax"] = x.codes, x.scale
+                if bits == 4:
+                    new["param_shape"] = tuple(x.shape)
+        out_state[index] = new
+    groups = []
+    for group in state_dict.get("param_groups", []):
+        lr = group["lr"]
+        groups.append({**group, "lr": float(lr.item()) if isinstance(lr, torch.Tensor) else lr})
+    return {**state_dict, "state": out_state, "param_groups": groups}
+
+
+def to_torchao(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict of the quantized optimizers (or plain fp32 Adam) in the layout
+    ``torchao.optim.AdamW8bit``/``AdamW4bit.load_state_dict`` takes (needs torchao):
+    quantized moments as ``OptimState8bit``/``OptimState4bit`` (the codes and absmax as
+    they are, fastadam's maps), except those of params whose size is not a multiple of the
+    block (torchao keeps such params' states plain): float32 tensors, dequantized exactly;
+    ``lr`` a tensor, as torchao keeps it."""
+    name = "fastadam.torch.to_torchao()"
+    try:
+        from torchao.optim.subclass_4bit import OptimState4bit
+        from torchao.optim.subclass_8bit import OptimState8bit
+    except ImportError as error:
+        raise ImportError(f"{name} needs torchao: pip install torchao (with your torch's pin)") from error
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        raise TypeError(f"{name}: state_dict must be an optimizer's state dict")
+    out_state: dict[Any, Any] = {}
+    for index, entry in state_dict["state"].items():
+        if not isinstance(entry, Mapping) or not (is_quantized_entry(entry) or entry.get("param_shape") is not None):
+            out_state[index] = entry
+            continue
+        where = f"{name}: state[{index!r}]"
+        m, v, shape = read_quantized_entry(entry, where)
+        n = int(np.prod(shape, dtype=np.int64))
+        new = {k: val for k, val in entry.items() if k not in QUANTIZED_KEYS and k != "param_shape"}
+        for key, q in (("exp_avg", m), ("exp_avg_sq", v)):
+            if n % QUANT_BLOCK[q.bits]:
+                new[key] = torch.from_numpy(q.dequantize(n).reshape(shape))
+                continue
+            codes, absmax, book = _as_tensor(entry[f"{key}_codes"]), _as_tensor(entry[f"{key}_absmax"]), _torch_book(q.bits, q.signed)
+            new[key] = (OptimState8bit(codes.reshape(shape), absmax, book, q.signed, dtype=torch.float32) if q.bits == 8
+                        else OptimState4bit(codes.reshape(-1), absmax, book, q.signed, shape, dtype=torch.float32))
+        out_state[index] = new
+    groups = []
+    for group in state_dict.get("param_groups", []):
+        lr = group["lr"]
+        groups.append({**group, "lr": lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float32)})
+    return {**state_dict, "state": out_state, "param_groups": groups}
