@@ -12,7 +12,8 @@ DTYPES = [np.float32, np.float64]
 def pytest_configure(config):
     # pyproject.toml registers these; a copy of tests/ run outside the source tree (CI's
     # wheel check) has no pyproject, so they are registered here as well.
-    for marker in ("slow: seconds each; deselect with -m \"not slow\"", "peers: the benchmark's DeepSpeed and optax checks"):
+    for marker in ("slow: seconds each; deselect with -m \"not slow\"",
+                   "peers: the benchmark's DeepSpeed and optax checks, bitsandbytes' and torchao's state dicts"):
         config.addinivalue_line("markers", marker)
 THREADS = [1, 2, 3]
 
@@ -61,7 +62,7 @@ def in_ci():
 
 def peers_required():
     """FASTADAM_REQUIRE_PEERS=1 (.ci/run's peers step): a missing benchmark peer (DeepSpeed,
-    jax, optax) fails instead of skipping. The default test run, in CI too, skips them."""
+    jax, optax, bitsandbytes, torchao) fails instead of skipping. The default test run, in CI too, skips them."""
     return os.environ.get("FASTADAM_REQUIRE_PEERS", "").lower() in ("1", "true", "yes")
 
 
@@ -83,7 +84,7 @@ def torch_or_skip():
 
 
 # .ci/run's peers step installs exactly these (torch's pin beside deepspeed's, so that it keeps this torch).
-PEERS_PIN = "torch==2.13.0 deepspeed==0.19.8 jax==0.10.2 optax==0.2.8"
+PEERS_PIN = "torch==2.13.0 deepspeed==0.19.8 jax==0.10.2 optax==0.2.8 bitsandbytes==0.50.2 torchao==0.18.0"
 
 
 def deepspeed_cpu_adam_or_skip():
