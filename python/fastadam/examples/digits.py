@@ -31,6 +31,14 @@ backward passes compute in float32 from the bfloat16 weights):
   adamw-bf16-sr      bf16 weights, stochastic rounding                 lr 1e-3
   adamw-bf16-states  float32 weights, bfloat16 exp_avg/exp_avg_sq      lr 1e-3
 
+Quantized states (float32 weights and gradients; weight_decay 1e-2):
+
+  adamw-8bit  AdamW8bit: 8-bit exp_avg/exp_avg_sq, 256-element blocks   lr 1e-3
+  adamw-4bit  AdamW4bit: 4-bit exp_avg/exp_avg_sq, 128-element blocks   lr 1e-3
+
+Both quantize every tensor here (min_8bit_size / min_4bit_size 0): with the default
+threshold of 4096 elements only the MLP's and the conv net's first dense layers would be.
+
 The Adam family uses the usual 1e-3. The SGD momentum variants use lr 0.01 so that
 their long-run step, lr / (1 - momentum) = 0.1, matches plain SGD's.
 
@@ -80,9 +88,12 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw-bf16-master": ("AdamW", {"weight_decay": 1e-2, "master_weights": True}),
     "adamw-bf16-sr": ("AdamW", {"weight_decay": 1e-2, "stochastic_rounding": True}),
     "adamw-bf16-states": ("AdamW", {"weight_decay": 1e-2, "state_dtype": "bfloat16"}),
+    "adamw-8bit": ("AdamW8bit", {"weight_decay": 1e-2, "min_8bit_size": 512}),
+    "adamw-4bit": ("AdamW4bit", {"weight_decay": 1e-2, "min_4bit_size": 512}),
 }
 DEFAULT_LR: dict[str, float] = {"adam": 1e-3, "adamw": 1e-3, "amsgrad": 1e-3, "sgd": 0.1, "momentum": 0.01, "nesterov": 0.01,
-                                "adamw-bf16": 1e-3, "adamw-bf16-master": 1e-3, "adamw-bf16-sr": 1e-3, "adamw-bf16-states": 1e-3}
+                                "adamw-bf16": 1e-3, "adamw-bf16-master": 1e-3, "adamw-bf16-sr": 1e-3, "adamw-bf16-states": 1e-3,
+                                "adamw-8bit": 1e-3, "adamw-4bit": 1e-3}
 # The runs whose weights are stored in bfloat16; every "-bf16" run takes bfloat16 gradients.
 BF16_WEIGHTS = ("adamw-bf16", "adamw-bf16-master", "adamw-bf16-sr")
 
@@ -264,7 +275,8 @@ def train_one(model_name: str, opt_name: str, data: Data, orders: list[Array], c
         "curve": curve, "batch_losses": batch_losses,
         "native_step_us": None, "reference_step_us": None, "reference_max_abs_diff": None,
     }
-    if OPTIMIZERS[opt_name][0] != "SGD" and bf16 is None and config.reference_steps:
+    # (the NumPy reference timed here keeps float32 states: no contrast for the bf16 and quantized runs)
+    if OPTIMIZERS[opt_name][0] in ("Adam", "AdamW") and bf16 is None and "state_dtype" not in OPTIMIZERS[opt_name][1] and config.reference_steps:
         t_native, t_ref, diff = time_adam_step(opt_name, model.params, grads, lr, config.reference_steps)
         result.update(native_step_us=t_native * 1e6, reference_step_us=t_ref * 1e6, reference_max_abs_diff=diff)
     return result
