@@ -231,3 +231,23 @@ def test_mixed_precision_bench_runs():
     for row in ("| torch fused fp32 |", "| torch fused bf16 |", "| norm pass, fp32 grads |", "| Adam pass, offload layout |"):
         assert row in out, out
     assert out.count("| fastadam | ") == 3 and out.count("bytes/element") == 3, out
+
+
+def test_quantized_bench_quick_runs(tmp_path):
+    """bench/quantized.py --quick: every default contender's row, bytes per element, the JSON."""
+    torch_or_skip()
+    import subprocess
+
+    out_json = tmp_path / "quantized.json"
+    out = subprocess.run([sys.executable, str(BENCH_DIR / "quantized.py"), "--quick", "--json", str(out_json)],
+                         capture_output=True, text=True, check=True, timeout=300).stdout  # fmt: skip
+    for row in ("| fastadam 8-bit |", "| 8-bit functional |", "| fastadam 4-bit |", "| 4-bit functional |", "| fastadam fp32 |",
+                "| torch fused fp32 |"):  # fmt: skip
+        assert out.count(row) == 2, out
+    rows = json.loads(out_json.read_text())["rows"]
+    by = {(r["case"], r["contender"]): r for r in rows}
+    single = "1 x 200k"
+    assert by[single, "fastadam fp32"]["traffic_bytes"] == 28 and by[single, "fastadam fp32"]["state_bytes"] == 8
+    assert by[single, "fastadam 8-bit"]["state_bytes"] == pytest.approx(2 + 8 * 782 / 200_000)
+    assert by[single, "fastadam 4-bit"]["traffic_bytes"] == pytest.approx(12 + 2 * (1 + 8 * 1563 / 200_000))
+    assert all(r["seconds"] > 0 and r["gbs"] > 0 for r in rows)
