@@ -218,15 +218,15 @@ def check_loaded_entry(
                 f"(a state dict saved with other settings? load it into an optimizer with the same ones)"
             )
     for key in buffers:
-        value = entry.get(key)
-        if value is None or isinstance(value, QuantizedState):  # quantized: checked by the optimizer
+        buffer = entry.get(key)
+        if buffer is None or isinstance(buffer, QuantizedState):  # quantized: checked by the optimizer
             continue
-        dtype = getattr(value, "dtype", None)
+        dtype = getattr(buffer, "dtype", None)
         kind = ("f" if dtype.name == "bfloat16" else dtype.kind) if isinstance(dtype, np.dtype) else None  # ml_dtypes: kind "V"
-        if kind is None and hasattr(value, "is_floating_point"):  # a torch tensor
-            kind = "f" if value.is_floating_point() else ("c" if value.is_complex() else "i")
+        if kind is None and hasattr(buffer, "is_floating_point"):  # a torch tensor
+            kind = "f" if buffer.is_floating_point() else ("c" if buffer.is_complex() else "i")
         if kind != "f":
             raise TypeError(
                 f"{where}: {key!r} must be an array or tensor of real floating-point numbers, got "
-                f"{type(value).__name__} of dtype {dtype}"
+                f"{type(buffer).__name__} of dtype {dtype}"
             )

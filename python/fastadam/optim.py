@@ -514,7 +514,7 @@ class Optimizer:
             self._check_precision(group, self._params[start : start + size], name)
             start += size
         new_masters: list[np.ndarray | None] = [None] * len(self._params)
-        new_buffers: dict[str, list[np.ndarray | None]] = {k: [None] * len(self._params) for k in self._state_keys}
+        new_buffers: dict[str, list[Any]] = {k: [None] * len(self._params) for k in self._state_keys}
         new_steps = np.zeros(len(self._params), dtype=np.int64)
         for saved_index, entry in state_dict["state"].items():
             if int(saved_index) not in index_of:

@@ -53,6 +53,7 @@ which is rebuilt when parameters, groups or state change (``param.data = ...``,
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -1740,9 +1741,9 @@ def to_torchao(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     block (torchao keeps such params' states plain): float32 tensors, dequantized exactly;
     ``lr`` a tensor, as torchao keeps it."""
     name = "fastadam.torch.to_torchao()"
-    try:
-        from torchao.optim.subclass_4bit import OptimState4bit
-        from torchao.optim.subclass_8bit import OptimState8bit
+    try:  # (by name: torchao ships no type information)
+        OptimState4bit = importlib.import_module("torchao.optim.subclass_4bit").OptimState4bit
+        OptimState8bit = importlib.import_module("torchao.optim.subclass_8bit").OptimState8bit
     except ImportError as error:
         raise ImportError(f"{name} needs torchao: pip install torchao (with your torch's pin)") from error
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
