@@ -1,4 +1,7 @@
-"""fastadam's native kernel behind ``torch.optim``'s interface: :class:`Adam`, :class:`AdamW`, :class:`SGD`.
+"""fastadam's native kernel behind ``torch.optim``'s interface: :class:`Adam`, :class:`AdamW`, :class:`SGD`,
+and with 8-bit/4-bit quantized states :class:`Adam8bit`, :class:`AdamW8bit`, :class:`Adam4bit`,
+:class:`AdamW4bit` (bitsandbytes' and torchao's state dicts: :func:`from_bitsandbytes`,
+:func:`to_bitsandbytes`, :func:`from_torchao`, :func:`to_torchao`).
 
 Drop-in replacements for ``torch.optim.Adam`` / ``AdamW`` / ``SGD`` on dense CPU
 float32/float64 tensors::
