@@ -19,11 +19,13 @@ steps of all rounds. ``fastadam.AdamW`` (one process, the whole model, the same 
 
     python bench/distributed.py                          # 1 and 2 ranks, fp32 and bf16
     python bench/distributed.py --ranks 1,2,3 --modes fp32 --rounds 3
+    python bench/distributed.py --modes fp32,8bit        # 8-bit states
     python bench/distributed.py --quick                  # small model, CI smoke run
     python bench/distributed.py --parts                  # the averaging's NumPy variants (one process)
 
-Modes: fp32 (float32 params and gradients) and bf16 (bfloat16 params with float32
-master weights, bfloat16 gradients, max_grad_norm=1.0).
+Modes: fp32 (float32 params and gradients), bf16 (bfloat16 params with float32
+master weights, bfloat16 gradients, max_grad_norm=1.0) and 8bit (float32 params and
+gradients, ShardedAdamW8bit's 8-bit states; its reference fastadam.AdamW8bit).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     import fastadam
-    from fastadam.distributed import ShardedAdamW
+    from fastadam.distributed import ShardedAdamW, ShardedAdamW8bit
 
     comm = MPI.COMM_WORLD
     fastadam.set_num_threads(args.threads)
@@ -69,7 +71,8 @@ def worker(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(1 + comm.rank)
     grads = [(rng.standard_normal(s, dtype=np.float32) * np.float32(1e-2)).astype(pdtype) for s in shapes]
     hyper: dict[str, Any] = {"lr": 1e-4, "master_weights": True, "max_grad_norm": 1.0} if bf16 else {"lr": 1e-4}
-    opt = ShardedAdamW(params, comm=comm, **hyper)
+    quantized = args.mode == "8bit"
+    opt = (ShardedAdamW8bit if quantized else ShardedAdamW)(params, comm=comm, **hyper)
     for _ in range(args.warmup):
         opt.step(grads)
     rows = []
@@ -94,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
     if comm.size == 1:  # the reference: fastadam.AdamW on the whole model in one process
         del opt
         ref_params = [q.copy() for q in params]
-        ref = fastadam.AdamW(ref_params, **hyper)
+        ref = (fastadam.AdamW8bit if quantized else fastadam.AdamW)(ref_params, **hyper)
         for _ in range(args.warmup):
             ref.step(grads)
         times = []
@@ -224,7 +227,7 @@ def report(collected: dict[tuple[str, int], list[dict[str, Any]]], args: argpars
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", default="1,2", help="rank counts, comma-separated")
-    parser.add_argument("--modes", default="fp32,bf16", help="fp32, bf16")
+    parser.add_argument("--modes", default="fp32,bf16", help="fp32, bf16, 8bit")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

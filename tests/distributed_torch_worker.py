@@ -2,7 +2,8 @@
 
 ``python distributed_torch_worker.py OUTDIR RANK WORLD_SIZE`` (two such processes, gloo on
 localhost through a file store) trains a small MLP with
-``torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=fastadam.torch.AdamW)``,
+``torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=fastadam.torch.AdamW)``
+(or AdamW8bit, AdamW4bit),
 each rank on its own batches, in several setups (CASES); ``... OUTDIR reference 1`` trains
 the same model in one process, stepping on the average of both ranks' gradients. Rank 0
 and the reference write their final params, state and losses to OUTDIR.
@@ -29,7 +30,12 @@ CASES: dict[str, tuple[torch.dtype, bool, bool, dict[str, Any]]] = {
     "bf16-master-ddp": (torch.bfloat16, True, False, {"master_weights": True}),
     "bf16-ddp": (torch.bfloat16, True, False, {}),  # bf16 params and states, rounded to nearest
     "bf16-master-ddp-clip": (torch.bfloat16, True, False, {"master_weights": True}),
+    # 8-bit states for the two larger weights (1472 and 3072 elements), float32 for the rest
+    "fp32-ddp-8bit": (torch.float32, True, False, {"min_8bit_size": 1024}),
+    "bf16-master-ddp-4bit": (torch.bfloat16, True, False, {"master_weights": True, "min_4bit_size": 1024}),
 }
+# The fastadam.torch optimizer of each case (AdamW unless named here).
+OPTIMIZER = {"fp32-ddp-8bit": fatorch.AdamW8bit, "bf16-master-ddp-4bit": fatorch.AdamW4bit}
 # Clipped by the global norm with torch.nn.utils.clip_grad_norm_ before step(), on the full
 # (averaged) gradients every rank holds: fastadam.torch's own max_grad_norm would see one
 # rank's share of the params only.
@@ -75,7 +81,7 @@ def train(case: str, rank: int, world: int) -> dict[str, Any]:
     model = model_for(case)
     net: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = ZeroRedundancyOptimizer(
-        model.parameters(), optimizer_class=fatorch.AdamW, parameters_as_bucket_view=bucket_views, lr=1e-2,
+        model.parameters(), optimizer_class=OPTIMIZER.get(case, fatorch.AdamW), parameters_as_bucket_view=bucket_views, lr=1e-2,
         weight_decay=0.1, **kwargs,
     )
     losses, grads_seen, norms = [], [], []
@@ -108,14 +114,14 @@ def train(case: str, rank: int, world: int) -> dict[str, Any]:
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def reference(case: str) -> dict[str, Any]:
     """One process: both ranks' batches on one model, their gradients averaged, one fastadam.torch.AdamW."""
     dtype, ddp, _, kwargs = CASES[case]
     model = model_for(case)
-    opt = fatorch.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kwargs)
+    opt = OPTIMIZER.get(case, fatorch.AdamW)(model.parameters(), lr=1e-2, weight_decay=0.1, **kwargs)
     losses, grads_seen, norms = [], [], []
     for step in range(STEPS):
         per_rank = [local_grads(model, step, r, dtype) for r in range(WORLD)]

@@ -34,8 +34,15 @@ CASES: dict[str, tuple[str, dict[str, Any], Any, Any, float | None]] = {
     "bf16-master": ("AdamW", {"lr": 1e-2, "master_weights": True, "max_grad_norm": 2.0}, BF16, BF16, 1024.0),
     # fp32 params, bf16 gradients and bf16 states
     "bf16-grads-states": ("AdamW", {"lr": 1e-2, "state_dtype": BF16}, np.float32, BF16, None),
+    # 8-bit states for the params of 300 elements or more (shard cuts inside their blocks' tensors),
+    # float32 for the 1- and 0-element ones
+    "adamw-8bit": ("AdamW8bit", {"lr": 1e-2, "weight_decay": 0.1, "min_8bit_size": 300}, np.float32, np.float32, None),
+    # 4-bit states on a bf16 model with fp32 master weights, loss scaling and clipping
+    "adamw-4bit-bf16-master": (
+        "AdamW4bit", {"lr": 1e-2, "master_weights": True, "max_grad_norm": 2.0, "min_4bit_size": 300}, BF16, BF16, 1024.0,
+    ),
 }
-SAVED = ("adamw", "bf16-master")  # checkpointed with 2 ranks, continued with 3 and 1
+SAVED = ("adamw", "bf16-master", "adamw-8bit")  # checkpointed with 2 ranks, continued with 3 and 1
 
 
 def initial_params(case: str) -> list[np.ndarray]:
@@ -76,6 +83,10 @@ def average(case: str, step: int, world_size: int) -> list[np.ndarray | None]:
             acc = acc + per_rank[r][i].astype(np.float32)  # type: ignore[union-attr]
         out.append(acc / np.float32(world_size))
     return out
+
+
+def same_bits_np(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.tobytes() == b.tobytes()
 
 
 def build(module: Any, case: str, params: list[np.ndarray], **kwargs: Any) -> Any:
@@ -194,6 +205,33 @@ def main(outdir: str) -> None:
         "state_nbytes": comm.allgather(sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, np.ndarray))),
         "shard_elements": comm.allgather(sum(hi - lo for _, lo, hi in opt.shard)),
     }
+    opt8 = dist.ShardedAdamW8bit([np.zeros(100_000, np.float32) for _ in range(12)], comm=comm)
+    opt8.step([np.ones(100_000, np.float32) for _ in range(12)])
+    result["memory"]["state_nbytes_8bit"] = comm.allgather(
+        sum(v.nbytes for s in opt8.state.values() for v in s.values() if isinstance(v, np.ndarray))
+    )
+    result["memory"]["shard_elements_8bit"] = comm.allgather(sum(hi - lo for _, lo, hi in opt8.shard))
+    # Quantized states: what they do not take is refused on every rank, before anything is written.
+    refused: dict[str, Any] = {}
+
+    def outcome(call: Any) -> Any:
+        try:
+            call()
+        except (TypeError, ValueError) as e:
+            return (type(e).__name__, str(e))
+        return None
+
+    refused["amsgrad"] = outcome(lambda: dist.ShardedAdamW8bit(initial_params("adamw-8bit"), amsgrad=True, comm=comm))
+    params = initial_params("adamw-8bit")
+    opt8 = build(dist, "adamw-8bit", params, comm=comm)
+    opt8.step(grads("adamw-8bit", 0, me))
+    before = [p.copy() for p in params]
+    opt8.param_groups[0]["amsgrad"] = True
+    refused["amsgrad set later"] = outcome(lambda: opt8.step(grads("adamw-8bit", 1, me)))
+    refused["amsgrad set later, unchanged"] = all(same_bits_np(a, b) for a, b in zip(params, before))
+    plain = build(dist, "adamw", initial_params("adamw"), comm=comm)
+    refused["quantized into fp32"] = outcome(lambda: plain.load_state_dict(opt8.state_dict()))
+    result["refused_8bit"] = comm.allgather(refused)
     result["params_same_on_every_rank"] = all(same)
     result["bounds"] = {r: dist.shard_bounds([int(np.prod(s)) for s in SHAPES], r) for r in (1, 2, 3, 5)}
     if me == 0:

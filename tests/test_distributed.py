@@ -86,7 +86,9 @@ def assert_same(got: dict, params: list, norms: list, state_dict: dict, where: s
         assert list(mine) == list(entry), (where, i)  # the same entries, in the same order
         assert mine["step"] == entry["step"], (where, i)
         for key in entry:
-            if key != "step":
+            if key == "param_shape":  # 4-bit states' (flat codes)
+                assert mine[key] == entry[key], (where, i)
+            elif key != "step":
                 assert same_bits(mine[key], entry[key]), f"{where}: state[{i}][{key!r}]: {first_difference(mine[key], entry[key])}"
 
 
@@ -130,6 +132,14 @@ def test_state_memory_per_rank_shrinks_as_one_over_n(results):
             assert nbytes == 12 * elements
             assert abs(elements - total / n) <= 4096, (n, elements)  # each of its two cuts within 2048 of r*T/N
         assert max(per_rank[n]) / per_rank[1][0] == pytest.approx(1 / n, abs=0.002)
+    # 8-bit states: a code per element in each moment, and one float32 absmax per 256 elements
+    per_rank_8bit = {n: results[n]["memory"]["state_nbytes_8bit"] for n in (1, 2, 3)}
+    assert per_rank_8bit[1] == [2 * total + 2 * 4 * (12 * -(-100_000 // 256))]
+    for n in (2, 3):
+        assert sum(per_rank_8bit[n]) == per_rank_8bit[1][0]
+        for nbytes, elements in zip(per_rank_8bit[n], results[n]["memory"]["shard_elements_8bit"]):
+            assert 2 * elements < nbytes <= 2 * elements + 8 * (elements // 256 + 24)  # a short block per piece at most
+        assert max(per_rank_8bit[n]) / per_rank_8bit[1][0] == pytest.approx(1 / n, abs=0.004)
 
 
 def test_shard_bounds_cut_on_multiples_of_4096_from_tensor_starts(results):
@@ -178,6 +188,18 @@ def test_bad_input_on_one_rank_raises_everywhere_and_writes_nothing(results, n):
     # a skipped first step leaves no state on any rank, as fastadam.Adam's
     for skipped, norm, local_entries, empty in results[n]["first_step_skipped"]:
         assert skipped and math.isinf(norm) and local_entries == 0 and empty
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_quantized_states_refuse_amsgrad_and_a_plain_optimizer_refuses_their_state_dict(results, n):
+    outcomes = results[n]["refused_8bit"]
+    assert all(o == outcomes[0] for o in outcomes)  # the same on every rank
+    got = outcomes[0]
+    assert got["amsgrad"][0] == "ValueError" and "amsgrad=True is not available with 8-bit states" in got["amsgrad"][1]
+    assert got["amsgrad set later"][0] == "ValueError" and "param_groups[0]" in got["amsgrad set later"][1]
+    assert got["amsgrad set later, unchanged"]
+    kind, text = got["quantized into fp32"]
+    assert kind == "ValueError" and "fastadam.dequantize_state_dict(sd)" in text
 
 
 def test_core_imports_no_mpi4py_and_a_missing_mpi4py_names_the_extra():

@@ -76,7 +76,12 @@ def test_zero_redundancy_optimizer_on_2_gloo_ranks_is_one_process(runs, case):
     for i, entry in ref_sd["state"].items():
         assert sd["state"][i].keys() == entry.keys(), (case, i)
         for key, value in entry.items():
-            assert same_bits(sd["state"][i][key], value), (case, i, key)
+            if isinstance(value, torch.Tensor):
+                assert same_bits(sd["state"][i][key], value), (case, i, key)
+            else:  # the 4-bit states' param_shape
+                assert sd["state"][i][key] == value, (case, i, key)
+        if case in worker.OPTIMIZER:  # the large weights' states are quantized on the ranks too
+            assert sum("exp_avg_codes" in e for e in sd["state"].values()) == 2, case
     for group, ref_group in zip(sd["param_groups"], ref_sd["param_groups"]):
         assert group["lr"] == ref_group["lr"] == 5e-3  # the schedule's change reached both ranks' optimizers
         assert group.get("master_weights") == ref_group.get("master_weights")

@@ -28,12 +28,15 @@ model (equal params), computes its own gradients and calls ``opt.step(grads)``:
 Shards: the concatenation of all params (``T`` elements, in order) is cut into ``N``
 contiguous shards of about ``T / N`` elements, each cut on a multiple of 4096 elements from
 the start of a tensor (or on a tensor boundary). A shard's pieces then cut the norm pass's
-blocks where one process does, which makes the norm's bits those of one process. (8-bit
-states, whose blocks are 256 or 128 elements of one tensor, would cut the same way.)
+blocks where one process does, which makes the norm's bits those of one process; and the
+8-bit and 4-bit states' blocks (256 and 128 elements of one tensor) too, so that
+``ShardedAdamW8bit``'s codes and absmax on each rank are those of whole blocks of
+``fastadam.AdamW8bit``.
 
 Per rank and step, with ``S = T / N``, ``g`` and ``p`` the bytes per element of the gradients
 and the params: sent and received ``(N - 1) * S * (g + p)`` bytes each (plus ``8 * T / 4096``
-for the norm); state ``S * (8 + 4 * amsgrad + 4 * master_weights)`` bytes (float32 states),
+for the norm); state ``S * (8 + 4 * amsgrad + 4 * master_weights)`` bytes (float32 states;
+8-bit states ``S * (2 + 8 / 256)``, 4-bit ``S * (1 + 8 / 128)``, plus master weights),
 and, with more than one rank, an averaged-gradient buffer of ``4 * S`` bytes and receive
 buffers of at most ``4 * _RECV_ELEMENTS`` bytes (32 MiB) in all. Every rank keeps whole
 params and gradients, as ZeRO stage 1 does.
@@ -58,9 +61,12 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from . import _core
 from ._common import ADAM, StepGuard, check_group, check_loaded_entry, check_max_grad_norm, state_stagger, zeros_packed
-from .optim import Adam, Grads, Params, _state_dtype_of, _to_numpy
+from .optim import Adam, Adam4bit, Adam8bit, Grads, Params, _state_dtype_of, _to_numpy, refuse_quantized_extras
+from .quantized import QUANT_BLOCK, QuantizedState
 
-__all__ = ["ShardedAdam", "ShardedAdamW", "SHARD_ALIGN"]
+__all__ = [
+    "ShardedAdam", "ShardedAdamW", "ShardedAdam8bit", "ShardedAdamW8bit", "ShardedAdam4bit", "ShardedAdamW4bit", "SHARD_ALIGN",
+]
 
 # Shard cuts fall on multiples of this many elements from a tensor's start: the norm pass's
 # block (kNormBlock, 4096) and a multiple of 8-bit states' blocks (256, 128).
@@ -129,6 +135,18 @@ def _widen_bf16(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     half, as ml_dtypes' cast does; 1.5x faster than that cast inside a ufunc, bench/distributed.py --parts)."""
     np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     return out
+
+
+def _codes_span(bits: int, n: int) -> tuple[int, Any, Any]:
+    """Size and dtype of a whole n-element param's codes, and where its elements [lo, hi) lie in them."""
+    if bits == 8:
+        return n, np.uint8, lambda lo, hi: (lo, hi)
+    return (n + 1) // 2, np.uint8, lambda lo, hi: (lo // 2, (hi + 1) // 2)  # two a byte; lo is even
+
+
+def _absmax_span(bits: int, n: int) -> tuple[int, Any, Any]:
+    block = QUANT_BLOCK[bits]
+    return -(-n // block), np.float32, lambda lo, hi: (lo // block, -(-hi // block))
 
 
 def _bytes(a: np.ndarray) -> list[Any]:
@@ -232,15 +250,15 @@ class ShardedAdam:
             # A fastadam.Adam over the same params, never stepped: it checks the params and
             # groups, reads gradients in the params' structure and holds param_groups, as
             # fastadam.Adam does (it allocates no state).
-            self._spec = Adam(
-                params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+            self._spec = self._make_spec(
+                params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay, max_grad_norm=max_grad_norm,
                 master_weights=master_weights, state_dtype=state_dtype,
             )
             self._check_supported(name)
             signature = (
                 [(p.shape, p.dtype.name) for p in self._spec._params], list(self._spec._group_sizes),
-                self._hyper_signature(), self._spec.max_grad_norm,
+                self._hyper_signature(), self._spec.max_grad_norm, getattr(self._spec, "min_size", None),
             )
         except (TypeError, ValueError) as e:
             error = e
@@ -296,6 +314,13 @@ class ShardedAdam:
         self._guard = StepGuard(self._step_name)
         self.last_step_skipped = False
         self.last_step_times: dict[str, float] = {}
+
+    def _make_spec(self, params: Params, **hyper: Any) -> Adam:
+        return Adam(params, **hyper)
+
+    def _quantized(self, k: int, key: str) -> bool:
+        """Whether param k's ``key`` state is kept quantized (the 8-bit and 4-bit optimizers)."""
+        return False
 
     # ----- checks ----------------------------------------------------------------------
 
@@ -584,8 +609,7 @@ class ShardedAdam:
                 self._present[k] = tuple(key for key in ADAM.state_keys + ("master_param",) if key in present or key in needed)
         for kind, key in enumerate(ADAM.state_keys + ("master_param",)):
             local = [k for k in fresh.get(key, ()) if k in self._local]
-            likes = [((self._local[k][1] - self._local[k][0],), self._buffer_dtype(k, key)) for k in local]
-            for k, array in zip(local, zeros_packed(likes, stagger=state_stagger(kind))):
+            for k, array in zip(local, self._zeros_local(kind, key, local)):
                 lo, hi, _ = self._local[k]
                 if key == "master_param":
                     np.copyto(array, self._flat[k][lo:hi])  # exact widening, as fastadam.Adam's first step
@@ -623,6 +647,28 @@ class ShardedAdam:
                 self._steps[k] += 1
         return result
 
+    def _zeros_local(self, kind: int, key: str, ks: Sequence[int]) -> list[Any]:
+        """New zeroed ``key`` states (state kind number ``kind``) of this rank's pieces of the
+        params ``ks``, in one block (the 4K-aliasing placement): arrays, or QuantizedState
+        (codes and absmax of the piece's blocks, which are the tensor's own: a piece starts on
+        a multiple of SHARD_ALIGN)."""
+        likes: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
+        for k in ks:
+            n = self._local[k][1] - self._local[k][0]
+            if self._quantized(k, key):
+                bits = self._spec.bits  # type: ignore[attr-defined]
+                likes.append(((n if bits == 8 else (n + 1) // 2,), np.dtype(np.uint8)))
+                likes.append(((-(-n // QUANT_BLOCK[bits]),), np.dtype(np.float32)))
+            else:
+                likes.append(((n,), self._buffer_dtype(k, key)))
+        arrays = iter(zeros_packed(likes, stagger=state_stagger(kind)))
+        out: list[Any] = []
+        for k in ks:
+            first = next(arrays)
+            quantized = self._quantized(k, key)
+            out.append(QuantizedState(first, next(arrays), self._spec.bits, kind == 0) if quantized else first)  # type: ignore[attr-defined]
+        return out
+
     def _buffer_dtype(self, k: int, key: str) -> np.dtype[Any]:
         if key == "master_param":
             return np.dtype(np.float32)
@@ -654,8 +700,18 @@ class ShardedAdam:
     @property
     def state(self) -> dict[int, dict[str, Any]]:
         """This rank's state: per param with elements here (``shard``), its step count and its
-        1-D arrays over those elements (live arrays, not copies)."""
-        return {k: {"step": float(self._steps[k]), **entry} for k, entry in sorted(self._state.items())}
+        1-D arrays over those elements (live arrays, not copies); a quantized state as its
+        ``exp_avg_codes`` and ``exp_avg_absmax`` (those of the shard's blocks), and so on."""
+        out: dict[int, dict[str, Any]] = {}
+        for k, entry in sorted(self._state.items()):
+            expanded: dict[str, Any] = {"step": float(self._steps[k])}
+            for key, value in entry.items():
+                if isinstance(value, QuantizedState):
+                    expanded[f"{key}_codes"], expanded[f"{key}_absmax"] = value.codes, value.absmax
+                else:
+                    expanded[key] = value
+            out[k] = expanded
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state, gathered on every rank (collective), in ``fastadam.AdamW.state_dict()``'s
@@ -667,7 +723,13 @@ class ShardedAdam:
                 continue
             entry: dict[str, Any] = {"step": float(self._steps[k])}
             for key in present:
-                entry[key] = self._gather(k, key)
+                if self._quantized(k, key):
+                    codes, absmax = self._gather_quantized(k, key)
+                    entry[f"{key}_codes"], entry[f"{key}_absmax"] = codes, absmax
+                else:
+                    entry[key] = self._gather(k, key)
+            if any(self._quantized(k, key) for key in present) and self._spec.bits == 4:  # type: ignore[attr-defined]
+                entry["param_shape"] = tuple(self._params[k].shape)  # as fastadam.AdamW4bit's (flat codes)
             state[k] = entry
         groups = []
         start = 0
@@ -679,15 +741,33 @@ class ShardedAdam:
         return {"state": state, "param_groups": groups}
 
     def _gather(self, k: int, key: str) -> np.ndarray:
-        full = np.empty(self._sizes[k], self._buffer_dtype(k, key))
+        mine = self._state[k][key] if k in self._local else None
+        full = self._allgather_pieces(k, mine, self._sizes[k], self._buffer_dtype(k, key), lambda lo, hi: (lo, hi))
+        return full.reshape(self._params[k].shape)
+
+    def _gather_quantized(self, k: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Param k's whole ``key`` codes and absmax, in fastadam.AdamW8bit's (AdamW4bit's) layout."""
+        bits = self._spec.bits  # type: ignore[attr-defined]
+        mine: Any = self._state[k][key] if k in self._local else None  # a QuantizedState
+        n = self._sizes[k]
+        codes = self._allgather_pieces(k, None if mine is None else mine.codes, *_codes_span(bits, n))
+        absmax = self._allgather_pieces(k, None if mine is None else mine.absmax, *_absmax_span(bits, n))
+        return (codes.reshape(self._params[k].shape) if bits == 8 else codes), absmax
+
+    def _allgather_pieces(
+        self, k: int, mine: np.ndarray | None, size: int, dtype: Any, span: Any
+    ) -> np.ndarray:
+        """An array of ``size`` elements of ``dtype`` gathered from every rank's piece of param
+        k: ``span(lo, hi)`` is where the piece of elements [lo, hi) lies in it."""
+        full = np.empty(size, dtype)
         counts, displs = [], []
         for pieces in self._pieces:
             lo, hi = next(((lo, hi) for j, lo, hi, _ in pieces if j == k), (0, 0))
-            counts.append((hi - lo) * full.itemsize)
-            displs.append(lo * full.itemsize)
-        mine = self._state[k][key] if k in self._local else full[:0]
-        self._comm.Allgatherv(_bytes(mine), [full.view(np.uint8), (counts, displs), MPI.BYTE])
-        return full.reshape(self._params[k].shape)
+            a, b = span(lo, hi) if hi > lo else (0, 0)
+            counts.append((b - a) * full.itemsize)
+            displs.append(a * full.itemsize)
+        self._comm.Allgatherv(_bytes(full[:0] if mine is None else mine), [full.view(np.uint8), (counts, displs), MPI.BYTE])
+        return full
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict from ``state_dict()`` (saved with any number of ranks) or from
@@ -714,10 +794,17 @@ class ShardedAdam:
             present[k] = tuple(key for key in ADAM.state_keys + ("master_param",) if key in buffers)
         for kind, key in enumerate(ADAM.state_keys + ("master_param",)):
             local = [k for k in sorted(entries) if key in entries[k] and k in self._local]
-            likes = [((self._local[k][1] - self._local[k][0],), self._buffer_dtype(k, key)) for k in local]
-            for k, array in zip(local, zeros_packed(likes, stagger=state_stagger(kind))):
+            for k, array in zip(local, self._zeros_local(kind, key, local)):
                 lo, hi, _ = self._local[k]
-                array[...] = entries[k][key][lo:hi]
+                whole = entries[k][key]
+                if isinstance(array, QuantizedState):
+                    n = self._sizes[k]
+                    a, b = _codes_span(array.bits, n)[2](lo, hi)
+                    array.codes[...] = whole.codes.reshape(-1)[a:b]
+                    a, b = _absmax_span(array.bits, n)[2](lo, hi)
+                    array.absmax[...] = whole.absmax[a:b]
+                else:
+                    array[...] = whole[lo:hi]
                 state.setdefault(k, {})[key] = array
         for group, new in zip(self.param_groups, groups):  # the same dicts: the caller's references stay valid
             params = group["params"]
@@ -762,6 +849,9 @@ class ShardedAdam:
             k = index_of[int(saved_index)]
             param = self._params[k]
             group = groups[self._group_of[k]]
+            # quantized optimizers: the entry's moments as whole-param QuantizedStates (large
+            # params; fp32 moments quantized) or float32 arrays (small ones), as fastadam.AdamW8bit loads them
+            entry = self._spec._loaded_entry(entry, param, f"{name}: parameter {saved_index}")
             check_loaded_entry(ADAM, entry, group, f"{name}: parameter {saved_index}")
             buffers: dict[str, np.ndarray] = {}
             for key, value in entry.items():
@@ -777,6 +867,9 @@ class ShardedAdam:
                 if key not in ADAM.state_keys and key != "master_param":
                     raise ValueError(f"{name}: unknown state entry {key!r} for parameter {saved_index}")
                 if value is None:
+                    continue
+                if isinstance(value, QuantizedState):  # checked by _loaded_entry
+                    buffers[key] = value  # type: ignore[assignment]
                     continue
                 array = np.asarray(_to_numpy(value), dtype=self._buffer_dtype(k, key))
                 if array.shape != param.shape:
@@ -815,4 +908,153 @@ class ShardedAdamW(ShardedAdam):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, comm=comm, maximize=maximize, decoupled_weight_decay=True,
             max_grad_norm=max_grad_norm, master_weights=master_weights, state_dtype=state_dtype,
+        )
+
+
+class ShardedAdam8bit(ShardedAdam):
+    r""":class:`ShardedAdam` with the 8-bit blockwise-quantized states of
+    :class:`fastadam.Adam8bit`: the same bits on every rank as ``fastadam.Adam8bit`` stepping,
+    in one process, on the averaged gradients. A shard's pieces start on multiples of 4096
+    elements of their tensor, so each rank's codes and absmax are those of whole blocks of
+    256 elements of one tensor, the tensor's own: a rank keeps about ``S * (2 + 8/256)``
+    bytes of state for its ``S`` elements (``+ 4 * S`` with master weights) against 8 * S
+    in float32. Params of fewer than ``min_8bit_size`` elements keep float32 states.
+
+    ``state_dict()`` gathers fastadam.AdamW8bit's layout (``exp_avg_codes``,
+    ``exp_avg_absmax``, ...), whatever the number of ranks; ``load_state_dict`` takes it, or
+    a float32 state dict (whose moments it quantizes, as fastadam.Adam8bit does). Args: as
+    :class:`ShardedAdam`, except ``amsgrad=True`` and ``state_dtype`` (ValueError), and
+        min_8bit_size: params of fewer elements keep float32 states (default 4096).
+    """
+
+    _quantized_class: type[Adam8bit] = Adam8bit
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        comm: MPI.Intracomm | None = None,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        self._min_size_argument = min_8bit_size
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, comm=comm, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, max_grad_norm=max_grad_norm,
+            master_weights=master_weights, state_dtype=state_dtype,
+        )
+
+    def _make_spec(self, params: Params, **hyper: Any) -> Adam:
+        cls = self._quantized_class
+        return cls(params, **hyper, **{cls._min_keyword: self._min_size_argument})  # type: ignore[arg-type]
+
+    def _quantized(self, k: int, key: str) -> bool:
+        return key in ("exp_avg", "exp_avg_sq") and self._spec._quantizes(self._params[k])  # type: ignore[attr-defined]
+
+    @property
+    def bits(self) -> int:
+        """Bits per code of the quantized states (8 or 4)."""
+        return int(self._spec.bits)  # type: ignore[attr-defined]
+
+    @property
+    def min_size(self) -> int:
+        """Params of fewer elements keep float32 states."""
+        return int(self._spec.min_size)  # type: ignore[attr-defined]
+
+    def _check_step(self, grads: Grads, grad_scale: float | None) -> tuple[list[np.ndarray | None], tuple[Any, ...]]:
+        for g, group in enumerate(self.param_groups):  # amsgrad set between steps: refused on every rank
+            refuse_quantized_extras(group.get("amsgrad"), None, self.bits, f"{self._step_name}: param_groups[{g}]")
+        return super()._check_step(grads, grad_scale)
+
+
+class ShardedAdamW8bit(ShardedAdam8bit):
+    """:class:`ShardedAdam8bit` with decoupled weight decay, as ``fastadam.AdamW8bit``; default ``weight_decay=1e-2``."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        comm: MPI.Intracomm | None = None,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, comm=comm, maximize=maximize, decoupled_weight_decay=True,
+            max_grad_norm=max_grad_norm, master_weights=master_weights, state_dtype=state_dtype,
+            min_8bit_size=min_8bit_size,
+        )
+
+
+class ShardedAdam4bit(ShardedAdam8bit):
+    """:class:`ShardedAdam8bit` with the 4-bit states of :class:`fastadam.Adam4bit` (two codes
+    a byte, one absmax per 128 elements: about ``S * (0.5 + 4/128)`` bytes of state for ``S``
+    elements); ``state_dict()`` in fastadam.AdamW4bit's layout. Params of fewer than
+    ``min_4bit_size`` elements keep float32 states."""
+
+    _quantized_class = Adam4bit
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        comm: MPI.Intracomm | None = None,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        min_4bit_size: int = 4096,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, comm=comm, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, max_grad_norm=max_grad_norm,
+            master_weights=master_weights, state_dtype=state_dtype, min_8bit_size=min_4bit_size,
+        )
+
+
+class ShardedAdamW4bit(ShardedAdam4bit):
+    """:class:`ShardedAdam4bit` with decoupled weight decay, as ``fastadam.AdamW4bit``; default ``weight_decay=1e-2``."""
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        comm: MPI.Intracomm | None = None,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        master_weights: bool = False,
+        state_dtype: Any = None,
+        min_4bit_size: int = 4096,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, comm=comm, maximize=maximize, decoupled_weight_decay=True,
+            max_grad_norm=max_grad_norm, master_weights=master_weights, state_dtype=state_dtype,
+            min_4bit_size=min_4bit_size,
         )

@@ -1291,10 +1291,13 @@ class Adam8bit(Adam):
         return p.numel() >= self.min_size
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self._min_keyword in param_group:
+        # Wrappers (ZeroRedundancyOptimizer) build groups from the defaults, this key included:
+        # the optimizer's own value is taken, any other refused.
+        if self._min_keyword in param_group and param_group[self._min_keyword] != self.min_size:
             raise ValueError(
                 f"fastadam.torch.{type(self).__name__}.add_param_group(): {self._min_keyword} is the optimizer's, not a "
-                "param group's: pass it to the constructor"
+                f"param group's (this optimizer's is {self.min_size}, the group has {param_group[self._min_keyword]!r}): "
+                "pass it to the constructor"
             )
         super().add_param_group(param_group)
         self.param_groups[-1].pop(self._min_keyword, None)  # copied from defaults by torch
