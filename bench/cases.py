@@ -1,9 +1,12 @@
-"""The benchmark's cases: the parameter shapes of one optimizer step (see bench.py)."""
+"""The benchmark's cases: the parameter shapes of one optimizer step (see bench.py); and the
+interleaved timing the focused benchmarks share."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import statistics
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 BYTES_PER_ELEMENT = 28  # fp32 Adam: reads param, grad, exp_avg, exp_avg_sq (16 B), writes 3 (12 B)
@@ -84,3 +87,21 @@ def default_cases(quick: bool = False, sizes: Iterable[int] | None = None, group
     if "many" in chosen:
         cases.append(many_case())
     return cases
+
+
+def interleaved(steps: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds per step of each contender, and every sample: contenders interleaved in
+    every round after two warm-up steps each. In a round each contender's timed step follows
+    an untimed one of its own, which absorbs what the previous contender left running
+    (torch's OpenMP threads spin on after its step and take a core from the next one)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+        step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            step()
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, times

@@ -11,7 +11,8 @@ Cases (2 threads each side, interleaved rounds, medians; docs/performance.md, "M
   ``clip_grad_norm_(foreach=True)``, ``AdamW(fused=True).step()``, ``_foreach_copy_`` into
   the bf16 params. DeepSpeed (``--deepspeed``): the same pipeline with
   ``DeepSpeedCPUAdam(adamw_mode=True)`` as the step.
-* ``bf16-states``: one tensor, fp32 params and grads, bf16 ``exp_avg``/``exp_avg_sq``,
+* ``bf16-states``: one tensor, fp32 params and grads, bf16 ``exp_avg``/``exp_avg_sq``
+  (``fastadam.AdamW(state_dtype=bfloat16)``; also ``adam_step`` on states from ``np.zeros``),
   against torch's fused AdamW on fp32 (torch has no bf16 states for fp32 params).
 * ``all-bf16``: one tensor, bf16 params, grads and states, against torch's fused AdamW on
   bf16 params (its states are bf16 too).
@@ -49,7 +50,7 @@ except ImportError as error:
     sys.exit(f"bench/mixed_precision.py needs torch and ml_dtypes: pip install torch==2.13.0 ml_dtypes ({error})")
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from cases import gpt2_small_shapes  # noqa: E402
+from cases import gpt2_small_shapes, interleaved  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LR, WEIGHT_DECAY, GRAD_SCALE, MAX_GRAD_NORM = 1e-4, 0.01, 1024.0, 1.0
@@ -133,24 +134,29 @@ def offload_contenders(shapes: list[tuple[int, ...]], deepspeed: bool) -> dict[s
 
 
 def single_contenders(case: str, n: int) -> dict[str, Step]:
+    """fastadam.AdamW (its states placed by the optimizer), the functional adam_step on
+    states from np.zeros (all four arrays at one page offset: 4K aliasing, docs/performance.md),
+    and torch's fused AdamW."""
     ((p0, g0),) = _data([(n,)])
     state_dtype = BF16
     param_dtype = np.dtype(np.float32) if case == "bf16-states" else BF16
     param, grad = p0.astype(param_dtype), g0.astype(param_dtype)
+    opt = fastadam.AdamW([param], lr=LR, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype)
+    param_f = param.copy()
     exp_avg, exp_avg_sq = np.zeros(n, state_dtype), np.zeros(n, state_dtype)
     count = [0]
 
-    def fastadam_step() -> object:
+    def functional_step() -> object:
         count[0] += 1
-        return fastadam.adam_step(param, grad, exp_avg, exp_avg_sq, step=count[0], lr=LR, weight_decay=WEIGHT_DECAY,
+        return fastadam.adam_step(param_f, grad, exp_avg, exp_avg_sq, step=count[0], lr=LR, weight_decay=WEIGHT_DECAY,
                                   decoupled_weight_decay=True)  # fmt: skip
 
     torch_dtype = torch.float32 if case == "bf16-states" else torch.bfloat16
     t_param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(torch_dtype))
     t_param.grad = torch.from_numpy(g0.copy()).to(torch_dtype)
-    opt = torch.optim.AdamW([t_param], lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    t_opt = torch.optim.AdamW([t_param], lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     peer = "torch fused fp32" if case == "bf16-states" else "torch fused bf16"
-    return {"fastadam": fastadam_step, peer: opt.step}
+    return {"fastadam": lambda: opt.step([grad]), "fastadam.adam_step, np.zeros states": functional_step, peer: t_opt.step}
 
 
 def norm_contenders(n: int) -> dict[str, Step]:
@@ -226,17 +232,7 @@ def optimizer_contenders(shapes: list[tuple[int, ...]]) -> tuple[dict[str, Step]
 
 
 def measure(contenders: dict[str, Step], rounds: int) -> dict[str, float]:
-    """Median seconds per step, contenders interleaved in every round after two warm-up steps each."""
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for step in contenders.values():
-        step()
-        step()
-    for _ in range(rounds):
-        for name, step in contenders.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved(contenders, rounds)[0]
 
 
 def report(title: str, elements: int, medians: dict[str, float], bytes_per_element: int) -> None:

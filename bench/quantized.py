@@ -47,7 +47,7 @@ import fastadam
 from fastadam.quantized import QUANT_BLOCK, QuantizedState
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from cases import gpt2_small_shapes  # noqa: E402
+from cases import gpt2_small_shapes, interleaved  # noqa: E402
 
 LR, WEIGHT_DECAY, MIN_SIZE = 1e-4, 0.01, 4096
 CONTENDERS = ("fastadam 8-bit", "8-bit functional", "fastadam 4-bit", "4-bit functional", "fastadam fp32",
@@ -134,20 +134,6 @@ def contenders(names: list[str], shapes: list[tuple[int, ...]], compile_times: d
     return out
 
 
-def measure(steps: dict[str, Step], rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Median seconds per step, contenders interleaved in every round after two warm-up steps each."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
-        step()
-        step()
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, times
-
-
 def report(title: str, shapes: list[tuple[int, ...]], medians: dict[str, float], compile_times: dict[str, float]) -> list[dict[str, Any]]:
     n = sum(math.prod(s) for s in shapes)
     ref = medians.get("fastadam 8-bit", next(iter(medians.values())))
@@ -213,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for title, shapes in cases:
         compile_times: dict[str, float] = {}
         steps = contenders(names, shapes, compile_times)
-        medians, _ = measure(steps, args.rounds)
+        medians, _ = interleaved(steps, args.rounds)
         rows += report(title, shapes, medians, compile_times)
         del steps
     if args.json:

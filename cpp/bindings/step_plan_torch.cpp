@@ -295,11 +295,12 @@ bool StepPlan::torch_step(py::handle groups) {
             if (r == 0) set_kept(entries_[i], nullptr, 0);
         }
     }
-    // Everything is checked. The version bump comes first, while the params' metadata
-    // is still in cache (the kernel's sweep evicts it); nothing can fail after it.
+    // Everything is checked. The version bumps and the counts come first, while the
+    // params' metadata and state['step'] are still in cache (the kernel's sweep evicts
+    // them); nothing can fail after them (the kernel takes its counts from the plan).
     torch_bump_versions();
-    launch();
     torch_count_steps();
+    launch();
     ++completed_;
     return true;
 }
@@ -413,7 +414,7 @@ void StepPlan::torch_bump_versions() {
     if (!r) throw py::error_already_set();
 }
 
-// After the kernel: each updated tensor's state['step'] + 1 in its own dtype (float32
+// Each updated tensor's state['step'] + 1 in its own dtype (float32
 // addition for float32, as torch's _foreach_add_(steps, 1)).
 void StepPlan::torch_count_steps() {
     Torch& t = *torch_;
