@@ -34,9 +34,7 @@ Cases (2 threads each side, interleaved rounds, medians; docs/performance.md, "M
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np

@@ -35,7 +35,6 @@ import argparse
 import importlib
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable

@@ -4,9 +4,10 @@ Also fastadam.torch.Adam without its torch helper (fastadam/_torch_meta.py), rea
 tensor through torch's Python API, as it does where the helper cannot be built.
 Each case builds the same fp32 parameters and gradients for each contender (own memory per
 contender, except "fastadam.Adam, same memory": fastadam.Adam on NumPy views of
-fastadam.torch's params and gradients, so that the ratio of the two is the adapter's cost
-alone; where arrays sit changes the kernel's speed by up to 20% through 4K aliasing, which
-"fastadam.Adam, own arrays" shows) and times whole ``step()`` calls, interleaved: every round times each
+fastadam.torch's params and gradients, its states placed as the adapter's are
+(fastadam._common.zeros_packed), so that the ratio of the two is the adapter's cost; where
+arrays sit changes the kernel's speed by 10-30% through 4K aliasing, which "fastadam.Adam,
+own arrays" shows; the contender without the helper has memory of its own) and times whole ``step()`` calls, interleaved: every round times each
 contender in turn for about ``--sample-ms``, after ``--settle-ms`` of its untimed steps; the
 table gives the median over rounds.
 

@@ -114,7 +114,8 @@ private:
     bool torch_count_quick(std::size_t i, std::int64_t* count) const;
     bool torch_read_and_check();  // the helper's reads and the checks of every tensor; false: stale
     void torch_bump_versions();
-    void torch_count_steps();
+    void torch_count_steps();    // keeps the old counts in saved_steps_
+    void torch_restore_steps();  // puts them back
 
     bool adam_;
     std::string fn_;
@@ -126,6 +127,7 @@ private:
     std::vector<Entry> entries_;
     std::vector<py::ssize_t> shapes_;
     std::vector<unsigned char> stepped_;  // this step updates tensor i
+    std::vector<std::uint64_t> saved_steps_;  // torch mode: state['step']'s bytes before this step's count
     // One entry per group, sized once (a step refuses another group count): the kept
     // descriptors point into them.
     std::vector<AdamHyperparams> adam_hypers_;

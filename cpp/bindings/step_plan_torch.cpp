@@ -297,10 +297,16 @@ bool StepPlan::torch_step(py::handle groups) {
     }
     // Everything is checked. The version bumps and the counts come first, while the
     // params' metadata and state['step'] are still in cache (the kernel's sweep evicts
-    // them); nothing can fail after them (the kernel takes its counts from the plan).
+    // them); the kernel takes its counts from the plan. Should it not start (no memory or
+    // thread for its workers), the counts go back: the step did not happen.
     torch_bump_versions();
     torch_count_steps();
-    launch();
+    try {
+        launch();
+    } catch (...) {
+        torch_restore_steps();
+        throw;
+    }
     ++completed_;
     return true;
 }
@@ -418,12 +424,25 @@ void StepPlan::torch_bump_versions() {
 // addition for float32, as torch's _foreach_add_(steps, 1)).
 void StepPlan::torch_count_steps() {
     Torch& t = *torch_;
+    saved_steps_.resize(entries_.size());
     for (std::size_t i = 0; i < entries_.size(); ++i) {
         char* d = t.t[i].step;
         if (!stepped_[i] || d == nullptr) continue;
+        std::memcpy(&saved_steps_[i], d, 8 - 4 * (t.t[i].step_type == 'f'));
         if (t.t[i].step_type == 'f') *reinterpret_cast<float*>(d) += 1.0f;
         else if (t.t[i].step_type == 'd') *reinterpret_cast<double*>(d) += 1.0;
         else *reinterpret_cast<std::int64_t*>(d) += 1;
+    }
+}
+
+// torch_count_steps undone, bytes for bytes (a float32 count of 2^24 or more does not come
+// back by subtracting one).
+void StepPlan::torch_restore_steps() {
+    Torch& t = *torch_;
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+        char* d = t.t[i].step;
+        if (!stepped_[i] || d == nullptr) continue;
+        std::memcpy(d, &saved_steps_[i], 8 - 4 * (t.t[i].step_type == 'f'));
     }
 }
 
