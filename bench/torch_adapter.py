@@ -7,8 +7,8 @@ contender, except "fastadam.Adam, same memory": fastadam.Adam on NumPy views of
 fastadam.torch's params and gradients, its states placed as the adapter's are
 (fastadam._common.zeros_packed), so that the ratio of the two is the adapter's cost; where
 arrays sit changes the kernel's speed by 10-30% through 4K aliasing, which "fastadam.Adam,
-own arrays" shows; the contender without the helper has memory of its own) and times whole ``step()`` calls, interleaved: every round times each
-contender in turn for about ``--sample-ms``, after ``--settle-ms`` of its untimed steps; the
+own arrays" shows; the contender without the helper has memory of its own) and times whole
+``step()`` calls, interleaved: every round times each contender in turn for about ``--sample-ms``, after ``--settle-ms`` of its untimed steps; the
 table gives the median over rounds.
 
 Cases (issue 14's table): 1000 tensors x 1000, GPT-2 small (148 tensors, 124M params),

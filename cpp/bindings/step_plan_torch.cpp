@@ -420,6 +420,10 @@ void StepPlan::torch_bump_versions() {
     if (!r) throw py::error_already_set();
 }
 
+namespace {
+std::size_t step_bytes(char type) { return type == 'f' ? 4 : 8; }
+}  // namespace
+
 // Each updated tensor's state['step'] + 1 in its own dtype (float32
 // addition for float32, as torch's _foreach_add_(steps, 1)).
 void StepPlan::torch_count_steps() {
@@ -428,7 +432,7 @@ void StepPlan::torch_count_steps() {
     for (std::size_t i = 0; i < entries_.size(); ++i) {
         char* d = t.t[i].step;
         if (!stepped_[i] || d == nullptr) continue;
-        std::memcpy(&saved_steps_[i], d, 8 - 4 * (t.t[i].step_type == 'f'));
+        std::memcpy(&saved_steps_[i], d, step_bytes(t.t[i].step_type));
         if (t.t[i].step_type == 'f') *reinterpret_cast<float*>(d) += 1.0f;
         else if (t.t[i].step_type == 'd') *reinterpret_cast<double*>(d) += 1.0;
         else *reinterpret_cast<std::int64_t*>(d) += 1;
@@ -442,7 +446,7 @@ void StepPlan::torch_restore_steps() {
     for (std::size_t i = 0; i < entries_.size(); ++i) {
         char* d = t.t[i].step;
         if (!stepped_[i] || d == nullptr) continue;
-        std::memcpy(d, &saved_steps_[i], 8 - 4 * (t.t[i].step_type == 'f'));
+        std::memcpy(d, &saved_steps_[i], step_bytes(t.t[i].step_type));
     }
 }
 
